@@ -1,0 +1,1 @@
+"""One module per ``lblctl`` subcommand: parse options, call the library, print."""

@@ -1,0 +1,116 @@
+"""The backbone artifact: ``backbone.pt`` = architecture name + config + preprocessing + weights.
+
+It loads with ``torch.load(weights_only=True)`` (plain dicts of tensors and numbers), and its
+fingerprint (the file's content hash) ties stores and reports to the exact weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .artifacts import atomic_open, fingerprint_file
+from .data import Preprocess
+from .errors import IncompatibleArtifact, LblError
+from .models import create_backbone
+
+FORMAT = "lblctl-backbone/1"
+FILENAME = "backbone.pt"
+
+
+def save_backbone(path: str | os.PathLike, model: nn.Module, *, arch: str, embedding_size: int,
+                  preprocess: Preprocess, arch_kwargs: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> str:
+    """Write the backbone atomically; return its fingerprint."""
+    state = {
+        "format": FORMAT,
+        "lblctl_version": __version__,
+        "arch": arch,
+        "embedding_size": int(embedding_size),
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "preprocess": preprocess.as_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    with atomic_open(path, "wb") as fh:
+        torch.save(state, fh)
+    return fingerprint_file(path)
+
+
+@dataclass
+class Backbone:
+    """A loaded embedding model: ``embed`` takes preprocessed images and returns unit vectors."""
+
+    model: nn.Module
+    arch: str
+    embedding_size: int
+    preprocess: Preprocess
+    fingerprint: str
+    path: Path
+    device: torch.device
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """Unit embeddings (float32, on CPU) of a batch; ``flip`` averages with the mirrored image."""
+        self.model.eval()
+        x = images.to(self.device, non_blocking=True)
+        out = self.model(x).float()
+        if flip:
+            out = out + self.model(torch.flip(x, dims=[3])).float()
+        return F.normalize(out, dim=1).cpu()
+
+
+def resolve_backbone_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / FILENAME
+    if not p.exists():
+        raise LblError(f"--backbone {path}: no such file; give RUN/backbone.pt or the RUN folder")
+    return p
+
+
+def read_backbone_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a ``backbone.pt`` safely (``weights_only=True``)."""
+    p = resolve_backbone_path(path)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        raise IncompatibleArtifact(
+            f"--backbone {p}: not a readable lblctl backbone (truncated or another format: "
+            f"{str(exc).splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise IncompatibleArtifact(f"--backbone {p}: not an lblctl backbone file (format {FORMAT} expected)")
+    return state
+
+
+def load_backbone(path: str | os.PathLike, device: torch.device | str = "cpu",
+                  expect_embedding_size: int | None = None) -> Backbone:
+    """Rebuild the architecture from the file and load its weights onto ``device``."""
+    p = resolve_backbone_path(path)
+    state = read_backbone_state(p)
+    if expect_embedding_size is not None and state["embedding_size"] != expect_embedding_size:
+        raise IncompatibleArtifact(
+            f"--backbone {p}: embedding size {state['embedding_size']}, expected {expect_embedding_size}"
+        )
+    pre = Preprocess(**state["preprocess"])
+    model = create_backbone(state["arch"], state["embedding_size"], pre.input_size, **state["arch_kwargs"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise IncompatibleArtifact(f"--backbone {p}: weights do not fit architecture {state['arch']}: "
+                                   f"{str(exc).splitlines()[0][:160]}") from None
+    device = torch.device(device)
+    model.to(device).eval()
+    return Backbone(model, state["arch"], int(state["embedding_size"]), pre, fingerprint_file(p), p, device,
+                    {"arch_kwargs": state["arch_kwargs"], "extra": state.get("extra", {})})

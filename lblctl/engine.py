@@ -1,0 +1,324 @@
+"""The training engine shared by ``pretrain`` and ``train-dp``.
+
+A small explicit loop in the spirit of arcface_torch: the caller gives modules, parameter
+groups, a function that turns a batch into a loss, and a batch source per epoch; the engine
+owns the device, AMP, optimiser, LR schedule, gradient clipping, checkpoints, exact resume,
+the progress bar and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ui
+from .artifacts import atomic_open
+from .errors import IncompatibleArtifact, LblError
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes the optimisation; saved in every checkpoint."""
+
+    steps: int
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_steps: int = 0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of ``steps`` for the step schedule
+    gamma: float = 0.1
+    grad_clip: float = 5.0  # max global grad norm; 0 = off
+    amp: str = "auto"  # auto | off | bf16 | fp16
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise LblError(f"--steps/--epochs give {self.steps} steps; need at least 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise LblError(f"--optimizer {self.optimizer}: choose sgd or adamw")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise LblError(f"--schedule {self.schedule}: choose cosine, step or constant")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise LblError(f"--amp {self.amp}: choose auto, off, bf16 or fp16")
+        if self.lr <= 0:
+            raise LblError(f"--lr {self.lr}: must be positive")
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine / step / constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(step >= int(m * cfg.steps) for m in cfg.milestones)
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA where supported, else fp16 (with a grad scaler); off on CPU."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs ``cfg.steps`` optimisation steps over the batches given per epoch."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, modules: dict[str, nn.Module],
+                 param_groups: list[dict[str, Any]], out_dir: str | os.PathLike) -> None:
+        cfg.validate()
+        self.cfg, self.device, self.modules = cfg, device, modules
+        self.out_dir = Path(out_dir)
+        for group in param_groups:
+            group.setdefault("lr", cfg.lr)
+            group["base_lr"] = group["lr"]
+        if cfg.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.dtype = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.aug = torch.Generator().manual_seed(cfg.seed)  # main-process augmentation randomness
+        self.step = 0
+        self.epoch = 0
+        self.epoch_batch = 0  # batches of the current epoch already consumed
+        self.extra_state: dict[str, Any] = {}
+        self._set_lr()
+
+    # ------------------------------------------------------------------ pieces
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _set_lr(self) -> None:
+        f = lr_factor(self.cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * f
+
+    def backward_step(self, loss: torch.Tensor) -> float:
+        """Backward, unscale, clip, step, zero grads, advance the schedule; returns the grad norm."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.cfg.grad_clip > 0 and params:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))) \
+                if params else 0.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._set_lr()
+        return norm
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "aug": self.aug.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": "lblctl-checkpoint/1",
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_batch": self.epoch_batch,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "extra": self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.epoch_batch = int(state["step"]), int(state["epoch"]), int(state["epoch_batch"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.aug.set_state(state["rng"]["aug"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.extra_state = state.get("extra", {})
+        self._set_lr()
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out_dir / CHECKPOINT_DIR
+        path = folder / f"step_{self.step:08d}.pt"
+        with atomic_open(path, "wb") as fh:
+            torch.save(self.state_dict(), fh)
+        for old in sorted(folder.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resume(self) -> int:
+        """Load the newest checkpoint in ``out_dir``; return its step (0 when there is none)."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return 0
+        state = load_checkpoint(path)
+        saved = state["config"]
+        for key in ("steps", "lr", "optimizer", "schedule", "seed"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise IncompatibleArtifact(
+                    f"--resume: checkpoint {path} was made with {key}={saved.get(key)!r}, now "
+                    f"{getattr(self.cfg, key)!r}; resume with the same options or use a new --out"
+                )
+        self.load_state_dict(state)
+        truncate_log(self.out_dir / LOG_FILE, self.step)
+        return self.step
+
+    # ------------------------------------------------------------------ loop
+    def log(self, record: dict[str, Any]) -> None:
+        path = self.out_dir / LOG_FILE
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def fit(
+        self,
+        batches_for_epoch: Callable[[int, int], Iterable[Any]],
+        compute: Callable[[Any], StepResult | None],
+        *,
+        steps_per_epoch: int,
+        on_epoch_end: Callable[[int], dict[str, Any]] | None = None,
+        on_step_end: Callable[[int], None] | None = None,
+        description: str = "train",
+    ) -> dict[str, Any]:
+        """Train until ``cfg.steps``; ``batches_for_epoch(epoch, start_batch)`` yields batches.
+
+        ``compute(batch)`` runs the forward pass under :meth:`autocast` and returns the loss, or
+        None to skip a batch (e.g. all its images were unreadable).
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for m in self.modules.values():
+            m.train()
+        last: dict[str, Any] = {}
+        epoch_metrics: dict[str, Any] = {}
+        window_samples, window_t0, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+        total_samples, t_start, start_step = 0, time.perf_counter(), self.step
+        with ui.progress("loss", "samples_s") as bar:
+            task = bar.add_task(description, total=self.cfg.steps, completed=self.step, loss="-", samples_s="-")
+            while self.step < self.cfg.steps:
+                consumed = False
+                for batch in batches_for_epoch(self.epoch, self.epoch_batch):
+                    consumed = True
+                    self.epoch_batch += 1
+                    result = compute(batch)
+                    if result is None:
+                        continue
+                    grad_norm = self.backward_step(result.loss)
+                    loss = float(result.loss.detach())
+                    if not math.isfinite(loss):
+                        raise LblError(f"loss became {loss} at step {self.step}; lower --lr or use --amp off")
+                    window_samples += result.samples
+                    total_samples += result.samples
+                    window_loss += loss
+                    window_n += 1
+                    if on_step_end is not None:
+                        on_step_end(self.step)
+                    if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                        dt = max(1e-9, time.perf_counter() - window_t0)
+                        last = {
+                            "step": self.step, "epoch": self.epoch, "loss": window_loss / window_n,
+                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                            "samples_per_s": window_samples / dt, **result.metrics,
+                        }
+                        self.log(last)
+                        bar.update(task, loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
+                        window_samples, window_t0, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+                    bar.update(task, completed=self.step)
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                            and self.step < self.cfg.steps:
+                        self.save_checkpoint()
+                    if self.step >= self.cfg.steps:
+                        break
+                if self.step >= self.cfg.steps and self.epoch_batch < steps_per_epoch:
+                    break
+                if not consumed and self.epoch_batch == 0:
+                    raise LblError("no training batches: the data set is smaller than one batch")
+                if on_epoch_end is not None:
+                    epoch_metrics = on_epoch_end(self.epoch)
+                    if epoch_metrics:
+                        self.log({"step": self.step, "epoch": self.epoch, **epoch_metrics})
+                    for m in self.modules.values():
+                        m.train()
+                self.epoch += 1
+                self.epoch_batch = 0
+        self.save_checkpoint()
+        elapsed = time.perf_counter() - t_start
+        return {
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "epochs": self.epoch,
+            "final_loss": last.get("loss"),
+            "samples_per_s": total_samples / elapsed if elapsed > 0 else None,
+            "seconds": elapsed,
+            **({"last_epoch": epoch_metrics} if epoch_metrics else {}),
+        }
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
+        raise IncompatibleArtifact(f"checkpoint {path}: unreadable ({str(exc).splitlines()[0][:120]}); "
+                                   "delete it to resume from the one before") from None
+    if not isinstance(state, dict) or state.get("format") != "lblctl-checkpoint/1":
+        raise IncompatibleArtifact(f"checkpoint {path}: not an lblctl checkpoint")
+    return state
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    with atomic_open(path, "w") as fh:
+        fh.write("".join(x + "\n" for x in keep))

@@ -1,0 +1,218 @@
+"""``pretrain``: train a backbone with a margin-softmax head on a labelled face set.
+
+Identities are split: most train the classifier, a held-out set (≥ 2 photos each) measures
+verification accuracy at the end of every epoch, so the figure is on people never seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ui
+from .artifacts import describe_input, write_manifest
+from .backbone import FILENAME, save_backbone
+from .data import (
+    EpochBatchSampler,
+    FaceDataset,
+    FaceIndex,
+    Preprocess,
+    ProblemLog,
+    make_loader,
+    open_face_set,
+    split_identities,
+)
+from .embed import embed_paths
+from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, Trainer, TrainConfig, latest_checkpoint
+from .errors import LblError
+from .losses import ClassifierWeights, build_loss
+from .metrics import kfold_accuracy
+from .models import create_backbone, default_input_size
+
+
+@dataclass
+class PretrainConfig:
+    data: Path
+    out: Path
+    arch: str = "small_cnn"
+    embedding_size: int = 512
+    input_size: int | None = None
+    center_crop: float = 1.0
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str = "cosface"
+    loss_kwargs: dict[str, float] = field(default_factory=lambda: {"s": 24.0, "m": 0.2})
+    batch_size: int = 128
+    epochs: int | None = None
+    val_fraction: float = 0.1
+    val_max_pairs: int = 3000
+    min_images: int = 1
+    flip_augment: bool = True
+    workers: int = 0
+    resume: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
+
+
+def validation_pairs(index: FaceIndex, identities: np.ndarray, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image-row pairs (P×2) and labels: genuine pairs within each identity, as many impostors."""
+    rng = np.random.default_rng(seed)
+    genuine = []
+    for ident in identities:
+        rows = index.images_of(int(ident))
+        pairs = [(rows[i], rows[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+        rng.shuffle(pairs)
+        genuine += pairs[:10]
+    rng.shuffle(genuine)
+    genuine = genuine[: max_pairs // 2]
+    owner = index.image_identity
+    pool = np.concatenate([index.images_of(int(i)) for i in identities]) if len(identities) else np.array([], int)
+    impostor: list[tuple[int, int]] = []
+    while len(impostor) < len(genuine) and len(identities) > 1:
+        a, b = rng.choice(pool, 2, replace=False)
+        if owner[a] != owner[b]:
+            impostor.append((int(a), int(b)))
+    pairs = np.asarray(genuine + impostor, dtype=np.int64).reshape(-1, 2)
+    same = np.concatenate([np.ones(len(genuine), np.int64), np.zeros(len(impostor), np.int64)])
+    return pairs, same
+
+
+def evaluate_pairs(backbone_like, index: FaceIndex, pairs: np.ndarray, same: np.ndarray, *,
+                   batch_size: int, workers: int) -> dict[str, Any]:
+    """Verification accuracy (10-fold) of the pairs, embedding each image once."""
+    if len(pairs) == 0:
+        return {}
+    rows = np.unique(pairs)
+    emb = embed_paths(backbone_like, [index.path(r) for r in rows], batch_size=batch_size, workers=workers,
+                      description="validate")
+    pos = {int(r): k for k, r in enumerate(rows)}
+    a = np.array([pos[int(x)] for x in pairs[:, 0]])
+    b = np.array([pos[int(x)] for x in pairs[:, 1]])
+    good = emb.ok[a] & emb.ok[b]
+    scores = (emb.vectors[a] * emb.vectors[b]).sum(1)[good]
+    acc, std = kfold_accuracy(scores, same[good], folds=10)
+    return {"val_accuracy": acc, "val_accuracy_std": std, "val_pairs": int(good.sum())}
+
+
+class _LiveBackbone:
+    """Adapter so that :func:`embed_paths` can use the model being trained."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, embedding_size: int,
+                 device: torch.device) -> None:
+        self.model, self.preprocess, self.embedding_size, self.device = model, preprocess, embedding_size, device
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        self.model.eval()
+        out = self.model(images.to(self.device)).float()
+        return torch.nn.functional.normalize(out, dim=1).cpu()
+
+
+def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
+    """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest; return a summary."""
+    out = Path(cfg.out)
+    if latest_checkpoint(out) is not None and not cfg.resume:
+        raise LblError(f"--out {out}: holds checkpoints of an earlier run; add --resume to continue it "
+                       "or choose a new --out")
+    index = open_face_set(cfg.data)
+    input_size = cfg.input_size or default_input_size(cfg.arch)
+    preprocess = Preprocess(input_size, cfg.center_crop)
+    if not 0.0 < cfg.center_crop <= 1.0:
+        raise LblError(f"--center-crop {cfg.center_crop}: must be in (0, 1]")
+    train_ids, val_ids = split_identities(index, cfg.val_fraction, cfg.train.seed)
+    train_ids = train_ids[index.counts()[train_ids] >= cfg.min_images]
+    if len(train_ids) < 2:
+        raise LblError(f"--data {cfg.data}: {len(train_ids)} training identities; need at least 2")
+    labels_of_identity = np.full(index.num_identities, -1, dtype=np.int64)
+    labels_of_identity[train_ids] = np.arange(len(train_ids))
+    rows = index.select_images("all", train_ids)
+    labels = labels_of_identity[index.image_identity[rows]]
+    if len(rows) < cfg.batch_size:
+        raise LblError(f"--batch-size {cfg.batch_size}: larger than the {len(rows)} training images")
+    steps_per_epoch = len(rows) // cfg.batch_size
+    tcfg = cfg.train
+    if cfg.epochs is not None:
+        tcfg.steps = cfg.epochs * steps_per_epoch
+
+    model = create_backbone(cfg.arch, cfg.embedding_size, input_size, **cfg.arch_kwargs).to(device)
+    head = ClassifierWeights(len(train_ids), cfg.embedding_size).to(device)
+    loss_fn = build_loss(cfg.loss, **cfg.loss_kwargs)
+    trainer = Trainer(tcfg, device, {"backbone": model, "head": head},
+                      [{"params": [p for p in model.parameters() if p.requires_grad]},
+                       {"params": head.parameters(), "weight_decay": 0.0}], out)
+    data_fp = describe_input(cfg.data)
+    if cfg.resume:
+        step = trainer.resume()
+        if step and trainer.extra_state.get("data_images") != int(index.num_images):
+            raise LblError(f"--resume: {cfg.data} has changed since the checkpoint "
+                           f"({trainer.extra_state.get('data_images')} → {index.num_images} images)")
+        if step:
+            ui.info(f"resuming from step {step}")
+    trainer.extra_state = {"data_images": int(index.num_images), "identities": int(index.num_identities)}
+
+    dataset = FaceDataset(index, rows, labels, preprocess)
+    problems = ProblemLog()
+    seen_bad: set[str] = set()
+
+    def batches(epoch: int, start: int):
+        sampler = EpochBatchSampler(len(rows), cfg.batch_size, tcfg.seed, epoch=epoch, start=start)
+        return make_loader(dataset, batch_sampler=sampler, workers=cfg.workers)
+
+    def compute(batch) -> StepResult | None:
+        for p in batch.problems:
+            if p.path not in seen_bad:
+                seen_bad.add(p.path)
+                problems.add(p.path, p.reason)
+        if len(batch) < 2:
+            return None
+        images = batch.images.to(device, non_blocking=True)
+        if cfg.flip_augment:
+            flip = torch.rand(len(images), generator=trainer.aug) < 0.5
+            images[flip.to(device)] = images[flip.to(device)].flip(-1)
+        y = batch.labels.to(device)
+        with trainer.autocast():
+            emb = model(images)
+        out_ = loss_fn(emb.float(), head.weight, y)
+        acc = float((out_.cosine.argmax(1) == y).float().mean())
+        return StepResult(out_.loss, len(y), {"train_accuracy": acc})
+
+    val_pairs, val_same = validation_pairs(index, val_ids, cfg.val_max_pairs, tcfg.seed)
+
+    def on_epoch_end(epoch: int) -> dict[str, Any]:
+        res = evaluate_pairs(_LiveBackbone(model, preprocess, cfg.embedding_size, device), index,
+                             val_pairs, val_same, batch_size=cfg.batch_size, workers=cfg.workers)
+        if res:
+            ui.info(f"epoch {epoch + 1}: validation accuracy {res['val_accuracy']:.4f} "
+                    f"± {res['val_accuracy_std']:.4f} on {res['val_pairs']} pairs of held-out identities")
+        return res
+
+    stats = trainer.fit(batches, compute, steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
+                        description="pretrain")
+    val = stats.get("last_epoch") or on_epoch_end(trainer.epoch)
+
+    fingerprint = save_backbone(out / FILENAME, model, arch=cfg.arch, embedding_size=cfg.embedding_size,
+                                preprocess=preprocess, arch_kwargs=cfg.arch_kwargs,
+                                extra={"loss": cfg.loss, "loss_kwargs": cfg.loss_kwargs, "steps": trainer.step})
+    if problems.count:
+        problems.write_csv(out / "problems.csv")
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "train")}
+    params["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(tcfg).items()}
+    summary = {
+        "out": str(out), "backbone": str(out / FILENAME), "backbone_fingerprint": fingerprint,
+        "arch": cfg.arch, "embedding_size": cfg.embedding_size, "input_size": input_size,
+        "train_identities": int(len(train_ids)), "train_images": int(len(rows)),
+        "val_identities": int(len(val_ids)), **stats, **val,
+        "problems": problems.summary(),
+        "device": str(device),
+    }
+    summary.pop("last_epoch", None)
+    files = [FILENAME, LOG_FILE] + (["problems.csv"] if problems.count else [])
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
+    write_manifest(out, "backbone", params=params, inputs={"data": data_fp}, files=files,
+                   embedding_size=cfg.embedding_size, backbone_fingerprint=fingerprint,
+                   extra={"summary": {k: summary[k] for k in ("steps", "final_loss") if k in summary} | val})
+    return summary
