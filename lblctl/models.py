@@ -35,7 +35,8 @@ def default_input_size(name: str) -> int:
     return _DEFAULT_INPUT.get(name, 112)
 
 
-def create_backbone(name: str, embedding_size: int = 512, input_size: int | None = None, **kwargs: Any) -> nn.Module:
+def create_backbone(name: str, embedding_size: int = 512, input_size: int | None = None,
+                    **kwargs: Any) -> nn.Module:
     """Build backbone ``name``; unknown names and impossible sizes are a :class:`LblError`."""
     if name not in _REGISTRY:
         raise LblError(f"--arch {name}: unknown backbone; choose one of {', '.join(list_backbones())}")
@@ -66,7 +67,8 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2) if input_size >= 48 else nn.Identity(),
             *_conv_bn(2 * w, 16 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.embedding = nn.Sequential(nn.Linear(16 * w, embedding_size, bias=False), nn.BatchNorm1d(embedding_size))
+        self.embedding = nn.Sequential(nn.Linear(16 * w, embedding_size, bias=False),
+                                       nn.BatchNorm1d(embedding_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.features(x))
@@ -85,7 +87,8 @@ def small_cnn(embedding_size: int = 512, input_size: int = 64, width: int = 32) 
 class IBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=1, padding=1, bias=False)
@@ -151,3 +154,114 @@ class IResNet(nn.Module):
 @register_backbone("iresnet18", default_input_size=112)
 def iresnet18(embedding_size: int = 512, input_size: int = 112, **kw: Any) -> nn.Module:
     return IResNet([2, 2, 2, 2], embedding_size, input_size, **kw)
+
+
+@register_backbone("iresnet34", default_input_size=112)
+def iresnet34(embedding_size: int = 512, input_size: int = 112, **kw: Any) -> nn.Module:
+    return IResNet([3, 4, 6, 3], embedding_size, input_size, **kw)
+
+
+@register_backbone("iresnet50", default_input_size=112)
+def iresnet50(embedding_size: int = 512, input_size: int = 112, **kw: Any) -> nn.Module:
+    return IResNet([3, 4, 14, 3], embedding_size, input_size, **kw)
+
+
+@register_backbone("iresnet100", default_input_size=112)
+def iresnet100(embedding_size: int = 512, input_size: int = 112, **kw: Any) -> nn.Module:
+    return IResNet([3, 13, 30, 3], embedding_size, input_size, **kw)
+
+
+# ----------------------------------------------------------------------------- MobileFaceNet
+# Chen et al. 2018 in arcface_torch's layout: depthwise-separable bottlenecks (PReLU), a 1×1 conv
+# to 512 channels, then the global depthwise conv (GDC) head: a 7×7 depthwise linear conv
+# instead of global pooling (face pixels are not equally important), a linear FC and BN.
+
+
+def _conv_bn_prelu(cin: int, cout: int, kernel: int = 1, stride: int = 1, padding: int = 0,
+                   groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.PReLU(cout))
+
+
+def _linear_conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, padding: int = 0,
+                 groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class DepthWise(nn.Module):
+    """Bottleneck: 1×1 expand (PReLU) → 3×3 depthwise (PReLU) → 1×1 linear project [+ residual]."""
+
+    def __init__(self, cin: int, cout: int, hidden: int, stride: int = 1, residual: bool = False) -> None:
+        super().__init__()
+        self.residual = residual
+        self.layers = nn.Sequential(
+            _conv_bn_prelu(cin, hidden),
+            _conv_bn_prelu(hidden, hidden, 3, stride, 1, groups=hidden),
+            _linear_conv(hidden, cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
+        return x + out if self.residual else out
+
+
+class GDC(nn.Module):
+    """Global depthwise conv head: depthwise k×k linear conv → flatten → FC (no bias) → BN."""
+
+    def __init__(self, channels: int, kernel: int, embedding_size: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            _linear_conv(channels, channels, kernel, groups=channels), nn.Flatten(),
+            nn.Linear(channels, embedding_size, bias=False), nn.BatchNorm1d(embedding_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet (≈1.0M parameters at 128-d, ≈1.2M at 512-d with ``scale=1``).
+
+    ``scale=2`` doubles the widths as arcface_torch's ``mbf`` does.
+    """
+
+    def __init__(self, embedding_size: int = 512, input_size: int = 112,
+                 blocks: tuple[int, ...] = (1, 4, 6, 2), scale: int = 1) -> None:
+        super().__init__()
+        if input_size % 16 or input_size < 32:
+            raise LblError(f"--input-size {input_size}: mobilefacenet needs a multiple of 16 ≥ 32 "
+                           "(112 is standard)")
+        c1, c2 = 64 * scale, 128 * scale
+        layers: list[nn.Module] = [_conv_bn_prelu(3, c1, 3, 2, 1)]
+        if blocks[0] == 1:
+            layers.append(_conv_bn_prelu(c1, c1, 3, 1, 1, groups=64))
+        else:
+            layers += [DepthWise(c1, c1, 128, residual=True) for _ in range(blocks[0])]
+        layers.append(DepthWise(c1, c1, 128, stride=2))
+        layers += [DepthWise(c1, c1, 128, residual=True) for _ in range(blocks[1])]
+        layers.append(DepthWise(c1, c2, 256, stride=2))
+        layers += [DepthWise(c2, c2, 256, residual=True) for _ in range(blocks[2])]
+        layers.append(DepthWise(c2, c2, 512, stride=2))
+        layers += [DepthWise(c2, c2, 256, residual=True) for _ in range(blocks[3])]
+        layers.append(_conv_bn_prelu(c2, 512))
+        self.body = nn.Sequential(*layers)
+        self.features = GDC(512, input_size // 16, embedding_size)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.body(x))
+
+
+@register_backbone("mobilefacenet", default_input_size=112)
+def mobilefacenet(embedding_size: int = 512, input_size: int = 112, **kw: Any) -> nn.Module:
+    return MobileFaceNet(embedding_size, input_size, **kw)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters (trainable or frozen), the figure papers quote."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,7 +1,8 @@
-"""``pretrain``: train a backbone with a margin-softmax head on a labelled face set.
+"""``pretrain``: train a backbone with a margin-softmax head (or centre / pair / triplet loss).
 
 Identities are split: most train the classifier, a held-out set (≥ 2 photos each) measures
 verification accuracy at the end of every epoch, so the figure is on people never seen.
+Triplet and pair losses draw P identities × K photos per batch (:class:`PKBatchSampler`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from .data import (
     split_identities,
 )
 from .embed import embed_paths
-from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, Trainer, TrainConfig, latest_checkpoint
+from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 from .errors import LblError
-from .losses import ClassifierWeights, build_loss
+from .losses import NEEDS_PK, Objective, resolve_loss_options
 from .metrics import kfold_accuracy
 from .models import create_backbone, default_input_size
+from .samplers import PKBatchSampler
 
 
 @dataclass
@@ -44,8 +46,10 @@ class PretrainConfig:
     center_crop: float = 1.0
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str = "cosface"
-    loss_kwargs: dict[str, float] = field(default_factory=lambda: {"s": 24.0, "m": 0.2})
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # s, m, m1…; unset = the loss's defaults
     batch_size: int = 128
+    pk_identities: int = 0  # P×K batches (needed by triplet and pair): P identities …
+    pk_images: int = 0  # … × K photos each; the batch size is then P·K
     epochs: int | None = None
     val_fraction: float = 0.1
     val_max_pairs: int = 3000
@@ -56,7 +60,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
 
 
-def validation_pairs(index: FaceIndex, identities: np.ndarray, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_pairs(index: FaceIndex, identities: np.ndarray, max_pairs: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Image-row pairs (P×2) and labels: genuine pairs within each identity, as many impostors."""
     rng = np.random.default_rng(seed)
     genuine = []
@@ -68,7 +73,8 @@ def validation_pairs(index: FaceIndex, identities: np.ndarray, max_pairs: int, s
     rng.shuffle(genuine)
     genuine = genuine[: max_pairs // 2]
     owner = index.image_identity
-    pool = np.concatenate([index.images_of(int(i)) for i in identities]) if len(identities) else np.array([], int)
+    pool = (np.concatenate([index.images_of(int(i)) for i in identities]) if len(identities)
+            else np.array([], int))
     impostor: list[tuple[int, int]] = []
     while len(impostor) < len(genuine) and len(identities) > 1:
         a, b = rng.choice(pool, 2, replace=False)
@@ -101,7 +107,8 @@ class _LiveBackbone:
 
     def __init__(self, model: torch.nn.Module, preprocess: Preprocess, embedding_size: int,
                  device: torch.device) -> None:
-        self.model, self.preprocess, self.embedding_size, self.device = model, preprocess, embedding_size, device
+        self.model, self.preprocess = model, preprocess
+        self.embedding_size, self.device = embedding_size, device
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
@@ -110,9 +117,23 @@ class _LiveBackbone:
         return torch.nn.functional.normalize(out, dim=1).cpu()
 
 
+def check_loss_options(cfg: PretrainConfig) -> bool:
+    """Refuse impossible loss/sampler combinations before any work; True when batches are P×K."""
+    resolve_loss_options(cfg.loss, cfg.loss_kwargs)
+    p, k = cfg.pk_identities, cfg.pk_images
+    if (p > 0) != (k > 0) or p < 0 or k < 0:
+        raise LblError(f"--pk-identities {p} --pk-images {k}: give both (e.g. --pk-identities 16 "
+                       "--pk-images 4) or neither")
+    if cfg.loss in NEEDS_PK and not p:
+        raise LblError(f"--loss {cfg.loss}: needs genuine pairs in every batch; add --pk-identities P "
+                       "--pk-images K (e.g. 16 and 4)")
+    return p > 0
+
+
 def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest; return a summary."""
     out = Path(cfg.out)
+    use_pk = check_loss_options(cfg)
     if latest_checkpoint(out) is not None and not cfg.resume:
         raise LblError(f"--out {out}: holds checkpoints of an earlier run; add --resume to continue it "
                        "or choose a new --out")
@@ -129,35 +150,59 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     labels_of_identity[train_ids] = np.arange(len(train_ids))
     rows = index.select_images("all", train_ids)
     labels = labels_of_identity[index.image_identity[rows]]
-    if len(rows) < cfg.batch_size:
-        raise LblError(f"--batch-size {cfg.batch_size}: larger than the {len(rows)} training images")
-    steps_per_epoch = len(rows) // cfg.batch_size
+    if use_pk:
+        pk = PKBatchSampler(labels, cfg.pk_identities, cfg.pk_images, cfg.train.seed)
+        steps_per_epoch = pk.batches_per_epoch()
+    else:
+        if len(rows) < cfg.batch_size:
+            raise LblError(f"--batch-size {cfg.batch_size}: larger than the {len(rows)} training images")
+        steps_per_epoch = len(rows) // cfg.batch_size
     tcfg = cfg.train
     if cfg.epochs is not None:
         tcfg.steps = cfg.epochs * steps_per_epoch
 
     model = create_backbone(cfg.arch, cfg.embedding_size, input_size, **cfg.arch_kwargs).to(device)
-    head = ClassifierWeights(len(train_ids), cfg.embedding_size).to(device)
-    loss_fn = build_loss(cfg.loss, **cfg.loss_kwargs)
-    trainer = Trainer(tcfg, device, {"backbone": model, "head": head},
-                      [{"params": [p for p in model.parameters() if p.requires_grad]},
-                       {"params": head.parameters(), "weight_decay": 0.0}], out)
+    objective = Objective(cfg.loss, len(train_ids), cfg.embedding_size, cfg.loss_kwargs).to(device)
+    state = objective.state_modules()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    loss_params = [p for m in state.values() for p in m.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    trainer = Trainer(tcfg, device, {"backbone": model, **state}, groups, out)
     data_fp = describe_input(cfg.data)
+    loss_state = {"loss": cfg.loss, "loss_kwargs": dict(objective.options),
+                  "pk": [cfg.pk_identities, cfg.pk_images], "arch": cfg.arch}
     if cfg.resume:
-        step = trainer.resume()
+        try:
+            step = trainer.resume()
+        except (KeyError, RuntimeError) as exc:
+            raise LblError(f"--resume: the checkpoint in {out} was made with another --arch/--loss/"
+                           f"--embedding-size ({str(exc).splitlines()[0][:80]}); resume with the same "
+                           "options or use a new --out") from None
         if step and trainer.extra_state.get("data_images") != int(index.num_images):
             raise LblError(f"--resume: {cfg.data} has changed since the checkpoint "
                            f"({trainer.extra_state.get('data_images')} → {index.num_images} images)")
+        saved = {k: trainer.extra_state[k] for k in loss_state if k in trainer.extra_state}
+        now = {k: loss_state[k] for k in saved}
+        if step and saved != now:
+            raise LblError(f"--resume: the checkpoint was made with {saved}, now {now}; resume with the "
+                           "same options or use a new --out")
         if step:
             ui.info(f"resuming from step {step}")
-    trainer.extra_state = {"data_images": int(index.num_images), "identities": int(index.num_identities)}
+    trainer.extra_state = {"data_images": int(index.num_images), "identities": int(index.num_identities),
+                           **loss_state}
 
     dataset = FaceDataset(index, rows, labels, preprocess)
     problems = ProblemLog()
     seen_bad: set[str] = set()
 
     def batches(epoch: int, start: int):
-        sampler = EpochBatchSampler(len(rows), cfg.batch_size, tcfg.seed, epoch=epoch, start=start)
+        sampler: EpochBatchSampler | PKBatchSampler
+        if use_pk:
+            sampler = PKBatchSampler(labels, cfg.pk_identities, cfg.pk_images, tcfg.seed, epoch=epoch,
+                                     start=start)
+        else:
+            sampler = EpochBatchSampler(len(rows), cfg.batch_size, tcfg.seed, epoch=epoch, start=start)
         return make_loader(dataset, batch_sampler=sampler, workers=cfg.workers)
 
     def compute(batch) -> StepResult | None:
@@ -174,9 +219,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
         y = batch.labels.to(device)
         with trainer.autocast():
             emb = model(images)
-        out_ = loss_fn(emb.float(), head.weight, y)
-        acc = float((out_.cosine.argmax(1) == y).float().mean())
-        return StepResult(out_.loss, len(y), {"train_accuracy": acc})
+        out_ = objective(emb.float(), y)
+        return StepResult(out_.loss, len(y), out_.metrics)
 
     val_pairs, val_same = validation_pairs(index, val_ids, cfg.val_max_pairs, tcfg.seed)
 
@@ -194,7 +238,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
 
     fingerprint = save_backbone(out / FILENAME, model, arch=cfg.arch, embedding_size=cfg.embedding_size,
                                 preprocess=preprocess, arch_kwargs=cfg.arch_kwargs,
-                                extra={"loss": cfg.loss, "loss_kwargs": cfg.loss_kwargs, "steps": trainer.step})
+                                extra={"loss": cfg.loss, "loss_kwargs": dict(objective.options),
+                                       "steps": trainer.step})
     if problems.count:
         problems.write_csv(out / "problems.csv")
     params = {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "train")}
@@ -207,6 +252,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
         "problems": problems.summary(),
         "device": str(device),
     }
+    summary["loss"] = cfg.loss
+    summary["loss_options"] = dict(objective.options)
     summary.pop("last_epoch", None)
     files = [FILENAME, LOG_FILE] + (["problems.csv"] if problems.count else [])
     ckpt = latest_checkpoint(out)
