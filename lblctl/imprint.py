@@ -1,0 +1,363 @@
+"""``imprint``: fill a prototype store with one unit vector per identity.
+
+Each chosen photo of an identity is embedded (unit length), the identity's embeddings are averaged
+and the mean is renormalised: the imprinting rule of the seed. Photos stream through one
+DataLoader in identity order, so memory does not grow with N: finished identities go to a
+memory-mapped staging file ``STORE/.imprint/`` and a small state file records how far it got,
+which is where ``--resume`` continues. At the end the identities that had a readable photo are
+copied into ``prototypes.h5``; the others are listed in ``left_out.csv`` (never a zero row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from . import ui
+from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
+from .backbone import Backbone, load_backbone
+from .data import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
+from .errors import LblError
+from .store import DTYPES, FILENAME, PrototypeStore
+from .strings import StringArrayBuilder, _hash64
+
+STAGING = ".imprint"
+STATE = "state.json"
+PHOTO_KINDS = ("id", "spot", "all")
+_COPY_ROWS = 65536
+
+
+@dataclass
+class ImprintConfig:
+    out: Path
+    data: Path | None = None
+    backbone: Path | None = None
+    features: Path | None = None
+    photos: str = "id"
+    flip: bool = False
+    batch_size: int = 64
+    workers: int = 0
+    dtype: str = "float32"
+    resume: bool = False
+    checkpoint_identities: int = 4096
+
+
+def _check_out(cfg: ImprintConfig) -> None:
+    out = Path(cfg.out)
+    if (out / FILENAME).exists() and (out / MANIFEST).exists():
+        raise LblError(f"--out {out}: already holds a finished store; choose a new --out or remove it")
+    if (out / STAGING / STATE).exists() and not cfg.resume:
+        raise LblError(f"--out {out}: holds an interrupted imprint; add --resume to continue it "
+                       "or choose a new --out")
+
+
+def imprint(cfg: ImprintConfig, device: torch.device | str = "cpu",
+            on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Imprint a store from photos (``cfg.data`` + ``cfg.backbone``) or from ``cfg.features``."""
+    if cfg.dtype not in DTYPES:
+        raise LblError(f"--dtype {cfg.dtype}: expected float32 or float16")
+    if cfg.features is not None:
+        if cfg.data is not None:
+            raise LblError("give --data (photos) or --features (precomputed embeddings), not both")
+        return imprint_features(cfg, device)
+    if cfg.data is None or cfg.backbone is None:
+        raise LblError("imprint needs --data and --backbone (or --features FEATS.h5)")
+    if cfg.photos not in PHOTO_KINDS:
+        raise LblError(f"--photos {cfg.photos}: expected id, spot or all")
+    if cfg.batch_size < 1:
+        raise LblError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    _check_out(cfg)
+    backbone = load_backbone(cfg.backbone, device)
+    index = open_face_set(cfg.data)
+    return _imprint_photos(cfg, backbone, index, on_checkpoint)
+
+
+# ---------------------------------------------------------------------- from photos
+
+
+class _Staging:
+    """``STORE/.imprint/``: unit rows of finished identities (memory-mapped), their status, the state."""
+
+    def __init__(self, folder: Path, n: int, dim: int, dtype: np.dtype, signature: dict[str, Any],
+                 resume: bool) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        state_path = folder / STATE
+        self.done = 0
+        if resume and state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state.get("signature") != signature:
+                diff = [k for k in signature if state.get("signature", {}).get(k) != signature[k]]
+                raise LblError(f"--resume: {folder.parent} was started with other inputs or options "
+                               f"({', '.join(diff)} differ); use the same ones or a new --out")
+            self.done = int(state["done"])
+        else:
+            for p in folder.iterdir():
+                p.unlink()
+        self.signature = signature
+        mode = "r+" if self.done else "w+"
+        self.vectors = np.memmap(folder / "vectors.bin", dtype=dtype, mode=mode, shape=(max(n, 1), dim))
+        # status per identity: 0 not yet, 1 imprinted, 2 no photo of the chosen kind, 3 no readable photo
+        self.status = np.memmap(folder / "status.bin", dtype=np.uint8, mode=mode, shape=(max(n, 1),))
+        self.problems_path = folder / "problems.csv"
+
+    def checkpoint(self, done: int) -> None:
+        self.vectors.flush()
+        self.status.flush()
+        atomic_write_json(self.folder / STATE, {"signature": self.signature, "done": int(done)})
+        self.done = done
+
+    def add_problems(self, problems) -> None:
+        if not problems:
+            return
+        with open(self.problems_path, "a", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            for p in problems:
+                w.writerow([p.path, p.reason])
+
+    def read_problems(self) -> ProblemLog:
+        log = ProblemLog()
+        seen: set[tuple[str, str]] = set()
+        if self.problems_path.exists():
+            with open(self.problems_path, newline="", encoding="utf-8") as fh:
+                for row in csv.reader(fh):
+                    if len(row) == 2 and tuple(row) not in seen:  # a resumed stretch may repeat a few
+                        seen.add((row[0], row[1]))
+                        log.add(row[0], row[1])
+        return log
+
+
+def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
+                    on_checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    n, dim = index.num_identities, backbone.embedding_size
+    signature = {"backbone": backbone.fingerprint, "data": describe_input(cfg.data).get("fingerprint") or
+                 str(Path(cfg.data).resolve()), "identities": n, "images": int(index.num_images),
+                 "photos": cfg.photos, "flip": bool(cfg.flip), "dtype": cfg.dtype}
+    stage = _Staging(out / STAGING, n, dim, DTYPES[cfg.dtype], signature, cfg.resume)
+    start = stage.done
+    if start:
+        ui.info(f"resuming: {start} of {n} identities already imprinted")
+    image_identity = index.image_identity
+    rows = index.select_images(cfg.photos, np.arange(start, n)) if start < n else np.zeros(0, dtype=np.int64)
+    dataset = FaceDataset(index, rows, image_identity[rows], backbone.preprocess)
+    loader = make_loader(dataset, batch_size=cfg.batch_size, workers=cfg.workers if len(rows) else 0)
+
+    sums: dict[int, np.ndarray] = {}
+    pending_unreadable: set[int] = set()
+    done = start
+    embedded = 0
+
+    def finish_upto(upto: int) -> None:
+        nonlocal done
+        if upto <= done:
+            return
+        ids = np.arange(done, upto)
+        status = np.full(len(ids), 2, dtype=np.uint8)
+        status[np.isin(ids, list(pending_unreadable))] = 3
+        got = [i for i in range(done, upto) if i in sums]
+        if got:
+            mat = np.stack([sums.pop(i) for i in got])
+            mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+            stage.vectors[got] = mat.astype(stage.vectors.dtype)
+            status[np.asarray(got) - done] = 1
+        stage.status[done:upto] = status
+        pending_unreadable.difference_update(range(done, upto))
+        done = upto
+
+    last_checkpoint = start
+    with ui.progress("imgs/s") as bar:
+        task = bar.add_task("imprint", total=n - start, **{"imgs/s": "-"})
+        t_loop = time.perf_counter()
+        for b, batch in enumerate(loader):
+            stage.add_problems(batch.problems)
+            lo, hi = b * cfg.batch_size, min(len(rows), (b + 1) * cfg.batch_size)
+            if batch.problems:  # a bad photo's identity: the rows of this batch that did not come back
+                bad_rows = set(rows[lo:hi].tolist()) - set(batch.rows.tolist())
+                pending_unreadable.update(int(image_identity[r]) for r in bad_rows)
+            if len(batch):
+                emb = backbone.embed(batch.images, flip=cfg.flip).numpy().astype(np.float64)
+                for ident, e in zip(batch.labels.tolist(), emb, strict=True):
+                    acc = sums.get(ident)
+                    if acc is None:
+                        sums[ident] = e.copy()
+                    else:
+                        acc += e
+                embedded += len(batch)
+            # every identity before the next unread photo's identity is complete
+            upto = int(image_identity[rows[hi]]) if hi < len(rows) else n
+            before = done
+            finish_upto(upto)
+            rate = embedded / max(1e-9, time.perf_counter() - t_loop)
+            bar.update(task, advance=done - before, **{"imgs/s": f"{rate:.0f}"})
+            if done - last_checkpoint >= cfg.checkpoint_identities:
+                stage.checkpoint(done)
+                last_checkpoint = done
+                if on_checkpoint is not None:
+                    on_checkpoint(done)
+        finish_upto(n)
+        bar.update(task, completed=n - start)
+    stage.checkpoint(n)
+    seconds_embed = time.perf_counter() - t0
+    summary = _finalise(cfg, index, stage, backbone, n, dim)
+    summary.update({"resumed_from": start, "images_embedded": embedded,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "images_per_second": round(embedded / max(1e-9, seconds_embed), 2)})
+    return summary
+
+
+def _finalise(cfg: ImprintConfig, index: FaceIndex, stage: _Staging, backbone: Backbone, n: int,
+              dim: int) -> dict[str, Any]:
+    """Copy the imprinted identities into ``prototypes.h5``; list the others; write the manifest."""
+    out = Path(cfg.out)
+    status = np.asarray(stage.status[:n])
+    good = np.flatnonzero(status == 1)
+    if len(good) == 0:
+        raise LblError(f"--data {cfg.data}: no identity has a readable {cfg.photos} photo; "
+                       "nothing to imprint "
+                       f"(see {out / STAGING / 'problems.csv'})")
+    names, photos = StringArrayBuilder(), StringArrayBuilder()
+    for i in good:
+        names.append(index.names[int(i)])
+        ids = index.images_of(int(i), "id")
+        photos.append(os.path.abspath(index.path(int(ids[0]))) if len(ids) else "")
+    left = np.flatnonzero(status != 1)
+    reasons = {2: f"no {cfg.photos} photo", 3: f"no readable {cfg.photos} photo", 0: "not processed"}
+    with atomic_open(out / "left_out.csv", "w") as fh:
+        w = csv.writer(fh)
+        w.writerow(["identity", "reason"])
+        for i in left:
+            w.writerow([index.names[int(i)], reasons[int(status[i])]])
+    problems = stage.read_problems()
+    problems.write_csv(out / "problems.csv")
+    params = {"photos": cfg.photos, "flip": cfg.flip, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+              "arch": backbone.arch, "preprocess": backbone.preprocess.as_dict()}
+    inputs = {"data": describe_input(cfg.data), "backbone": describe_input(backbone.path)}
+    with PrototypeStore.create(out, dim, names.build(), cfg.dtype, backbone.fingerprint,
+                               id_photos=photos.build(),
+                               params=params, inputs=inputs, cache="mmap", overwrite=True) as store:
+        for a in range(0, len(good), _COPY_ROWS):
+            sel = good[a:a + _COPY_ROWS]
+            store.fill(a, np.asarray(stage.vectors[sel], dtype=np.float32))
+    shutil.rmtree(out / STAGING)
+    return {"store": str(out), "identities": n, "imprinted": int(len(good)), "left_out": int(len(left)),
+            "left_out_examples": [index.names[int(i)] for i in left[:10]], "problems": problems.summary(5),
+            "embedding_size": dim, "dtype": cfg.dtype, "backbone_fingerprint": backbone.fingerprint}
+
+
+# ---------------------------------------------------------------------- from features
+
+
+def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A store from ``features`` M×D + ``identities`` M (rows of one identity are averaged)."""
+    t0 = time.perf_counter()
+    out, path = Path(cfg.out), Path(cfg.features)  # type: ignore[arg-type]
+    _check_out(cfg)
+    if not path.is_file():
+        raise LblError(f"--features {path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise LblError(f"--features {path}: not an HDF5 file; expected datasets 'features' M×D "
+                       "and 'identities' M") from None
+    with f:
+        if "features" not in f or "identities" not in f:
+            raise LblError(f"--features {path}: needs datasets 'features' (M×D) and 'identities' (M); "
+                           f"found {', '.join(f.keys()) or 'none'}")
+        feats, idents = f["features"], f["identities"]
+        if feats.ndim != 2 or idents.shape != (feats.shape[0],):
+            raise LblError(f"--features {path}: 'features' is {feats.shape} and 'identities' {idents.shape}; "
+                           "expected M×D and M")
+        m, dim = feats.shape
+        fp = None
+        if cfg.backbone is not None:
+            bb = load_backbone(cfg.backbone, "cpu")
+            if bb.embedding_size != dim:
+                raise LblError(f"--features {path}: {dim}-d features but --backbone {cfg.backbone} makes "
+                               f"{bb.embedding_size}-d embeddings")
+            fp = bb.fingerprint
+        elif f.attrs.get("backbone_fingerprint"):
+            fp = str(f.attrs["backbone_fingerprint"])
+        chunk = max(1, min(_COPY_ROWS, (64 << 20) // max(1, dim * 4)))
+        # pass 1: identity of every row by its name's 64-bit hash (8 bytes a row; a collision among
+        # 10M names has odds ~1e-6), identities in order of first appearance
+        hashes = np.empty(m, dtype=np.int64)
+        for a in range(0, m, chunk):
+            block = idents[a:a + chunk]
+            hashes[a:a + len(block)] = [_hash64(_as_bytes(s)) for s in block]
+        uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[order] = np.arange(len(uniq))
+        group = rank[inverse.reshape(-1)]
+        n = len(uniq)
+        first_rows = first[order]
+        # pass 2: sum unit features per identity in a memory-mapped staging file
+        staging = out / STAGING
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        sums = np.memmap(staging / "sums.bin", dtype=np.float32, mode="w+", shape=(max(n, 1), dim))
+        counts = np.zeros(n, dtype=np.int64)
+        problems = ProblemLog()
+        with ui.progress() as bar:
+            task = bar.add_task("features", total=m)
+            for a in range(0, m, chunk):
+                x = np.asarray(feats[a:a + chunk], dtype=np.float64)
+                g = group[a:a + len(x)]
+                norms = np.linalg.norm(x, axis=1)
+                ok = np.isfinite(norms) & (norms > 1e-12)
+                for r in np.flatnonzero(~ok):
+                    problems.add(f"{path}:features[{a + r}]", "zero or non-finite feature row")
+                if ok.any():  # per-identity sums of this chunk (sort + reduceat), then one scattered add
+                    gk = g[ok]
+                    order = np.argsort(gk, kind="stable")
+                    gs = gk[order]
+                    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+                    part = np.add.reduceat((x[ok] / norms[ok, None])[order], starts, axis=0)
+                    sums[gs[starts]] += part.astype(np.float32)
+                counts += np.bincount(g[ok], minlength=n)
+                bar.advance(task, len(x))
+        good = np.flatnonzero(counts > 0)
+        if len(good) == 0:
+            raise LblError(f"--features {path}: no usable feature rows")
+        names = StringArrayBuilder()
+        for i in good:
+            names.append(_as_bytes(idents[int(first_rows[i])]).decode("utf-8"))
+        left = [_as_bytes(idents[int(first_rows[i])]).decode("utf-8") for i in np.flatnonzero(counts == 0)]
+    with atomic_open(out / "left_out.csv", "w") as fh:
+        w = csv.writer(fh)
+        w.writerow(["identity", "reason"])
+        for name in left:
+            w.writerow([name, "no usable feature row"])
+    problems.write_csv(out / "problems.csv")
+    params = {"dtype": cfg.dtype, "source": "features"}
+    inputs = {"features": describe_input(path)}
+    if cfg.backbone is not None:
+        inputs["backbone"] = describe_input(cfg.backbone)
+    with PrototypeStore.create(out, dim, names.build(), cfg.dtype, fp, params=params, inputs=inputs,
+                               cache="mmap", overwrite=True) as store:
+        for a in range(0, len(good), _COPY_ROWS):
+            sel = good[a:a + _COPY_ROWS]
+            store.fill(a, np.asarray(sums[sel]))
+    del sums
+    shutil.rmtree(staging)
+    return {"store": str(out), "feature_rows": int(m), "identities": int(n), "imprinted": int(len(good)),
+            "left_out": len(left), "problems": problems.summary(5), "embedding_size": int(dim),
+            "dtype": cfg.dtype, "backbone_fingerprint": fp, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _as_bytes(s: Any) -> bytes:
+    return s if isinstance(s, bytes) else str(s).encode("utf-8")

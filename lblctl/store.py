@@ -1,0 +1,896 @@
+"""The prototype store: one unit vector per identity, for millions of identities, on the host.
+
+Layout of ``STORE/prototypes.h5`` (plain h5py reads every dataset):
+
+* ``prototypes`` N×D (float32 or float16), ``row_step`` N (int64, the commit step that last wrote
+  each row, −1 = as created) and, optionally, ``momentum`` N×D: virtual datasets over contiguous,
+  early-allocated segments ``_segments/<k>/…``. Appending identities adds a segment and re-points
+  the virtual datasets; nothing is rewritten.
+* ``identities`` N and ``id_photos`` N (variable-length utf-8; ``id_photos`` may hold "").
+* ``committed_step`` (int64, shape 1): the step of the last commit.
+* attributes ``format``, ``embedding_size``, ``backbone_fingerprint``, ``dtype``, ``has_momentum``.
+
+Rows are read and written through ``np.memmap`` on the segments' file offsets (or a RAM copy
+when it fits), so a random-row gather/scatter does not depend on N, and the HDF5 library never
+writes while training runs: only structural changes (create, append, a new backbone fingerprint)
+go through h5py. A writer pre-faults the mapping (``MADV_POPULATE_READ``) when the file fits in
+memory, so that random rows then cost no page faults; the rows stay file-backed pages (they are
+not anonymous memory, and the kernel may drop them under pressure).
+
+Crash safety (kill -9 at any moment): ``scatter`` only stages rows in memory; ``commit(step)``
+writes the staged rows to a write-ahead log ``prototypes.wal`` (temp file + rename, so the name
+only ever holds a whole log), then applies them to the file, records the step and removes the log.
+``open`` replays a log it finds (the commit happened) and drops a half-written temp log (it did
+not), so every row is from the last completed commit; ``recovery`` says what was done. With
+``durable=True`` each commit also fsyncs, which extends the guarantee to power loss.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .artifacts import MANIFEST, check_compatible, read_manifest, write_manifest
+from .errors import IncompatibleArtifact, LblError
+from .strings import StringArray, StringArrayBuilder, _hash64
+
+FORMAT = "lblctl-store/1"
+FILENAME = "prototypes.h5"
+WAL_NAME = "prototypes.wal"
+LOCK_NAME = ".store.lock"
+_WAL_MAGIC = b"LBLWAL01"
+_WAL_HEADER = struct.Struct("<8sqqqqqI")  # magic, step, count, dim, itemsize, has_momentum, payload crc
+_NAME_CHUNK = 100_000
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+def _normalise(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
+    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] < 1e-12)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} row(s) are zero or not finite; "
+                         "a prototype must be a unit vector")
+    return v / norms
+
+
+def _as_strings(items: Iterable[str] | StringArray) -> StringArray:
+    return items if isinstance(items, StringArray) else StringArray.from_iter(items)
+
+
+def _duplicates(names: StringArray) -> list[str]:
+    """Names that occur more than once (by 64-bit hash, confirmed on the bytes)."""
+    if len(names) < 2:
+        return []
+    hashes = np.fromiter((_hash64(names._bytes(i)) for i in range(len(names))), dtype=np.int64,
+                         count=len(names))
+    order = np.argsort(hashes, kind="stable")
+    sh = hashes[order]
+    same = np.flatnonzero(sh[1:] == sh[:-1])
+    dups = []
+    for k in same:
+        a, b = int(order[k]), int(order[k + 1])
+        if names._bytes(a) == names._bytes(b):
+            dups.append(names[a])
+    return dups
+
+
+def _contiguous_dcpl() -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # storage exists now, so it has a file offset
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # no 10 GB of zeros written at creation
+    return dcpl
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Segment:
+    """One contiguous run of rows [start, stop) and its memory maps."""
+
+    def __init__(self, start: int, stop: int, vec_offset: int, step_offset: int,
+                 mom_offset: int | None) -> None:
+        self.start, self.stop = start, stop
+        self.vec_offset, self.step_offset, self.mom_offset = vec_offset, step_offset, mom_offset
+        self.vec: np.ndarray | None = None
+        self.step: np.ndarray | None = None
+        self.mom: np.ndarray | None = None
+
+
+class PrototypeStore:
+    """A prototype store opened for reading (``mode="r"``, many readers) or writing (``"r+"``, one writer).
+
+    Use :meth:`create` to make one and :meth:`open` to open one; both work as context managers.
+    """
+
+    def __init__(self) -> None:  # use create() / open()
+        self.folder = Path()
+        self.path = Path()
+        self.mode = "r"
+        self.cache = "mmap"
+        self.durable = False
+        self.recovery = "clean"
+        self._attrs: dict[str, Any] = {}
+        self._segments: list[_Segment] = []
+        self._starts = np.zeros(1, dtype=np.int64)
+        self._num_rows = 0
+        self._dtype = DTYPES["float32"]
+        self._dim = 0
+        self._has_mom = False
+        self._committed = -1
+        self._commit_mm: np.ndarray | None = None
+        self._ram_vec: np.ndarray | None = None
+        self._ram_mom: np.ndarray | None = None
+        self._p_rows = np.zeros(0, dtype=np.int64)
+        self._p_vec = np.zeros((0, 0), dtype=np.float32)
+        self._p_mom: np.ndarray | None = None
+        self._names: StringArray | None = None
+        self._id_photos: StringArray | None = None
+        self._lock_fd: int | None = None
+        self._data_fd: int | None = None
+        self._complete_on_close = False
+        self._filled: np.ndarray | None = None  # rows written so far, for a store being created
+        self._manifest_meta: dict[str, Any] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, embedding_size: int, names: Iterable[str] | StringArray,
+               dtype: str = "float32", backbone_fingerprint: str | None = None, *,
+               id_photos: Iterable[str] | StringArray | None = None, momentum: bool = False,
+               vectors: np.ndarray | None = None, params: dict[str, Any] | None = None,
+               inputs: dict[str, Any] | None = None, cache: str = "auto", durable: bool = False,
+               overwrite: bool = False) -> PrototypeStore:
+        """Make ``folder/prototypes.h5`` with one row per name and return it open for writing.
+
+        Rows not given in ``vectors`` must be written with :meth:`fill` before :meth:`close`;
+        ``close`` (or leaving the ``with`` block without an error) writes the manifest that makes
+        the store openable, so a half-filled store is never taken for a whole one.
+        """
+        folder = Path(folder)
+        if dtype not in DTYPES:
+            raise LblError(f"--dtype {dtype}: expected float32 or float16")
+        if embedding_size < 1:
+            raise LblError(f"embedding size {embedding_size}: must be positive")
+        names = _as_strings(names)
+        photos = _as_strings(id_photos) if id_photos is not None else None
+        if photos is not None and len(photos) != len(names):
+            raise ValueError(f"id_photos has {len(photos)} entries for {len(names)} names")
+        dups = _duplicates(names)
+        if dups:
+            raise LblError(f"{len(dups)} identity name(s) occur twice (e.g. '{dups[0]}'); "
+                           "names must be unique")
+        path = folder / FILENAME
+        if path.exists() and not overwrite:
+            raise LblError(f"{path}: already exists; choose a new folder or remove it")
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (folder / MANIFEST, folder / WAL_NAME, folder / (WAL_NAME + ".tmp")):
+            stale.unlink(missing_ok=True)
+        tmp = folder / (FILENAME + ".creating")
+        tmp.unlink(missing_ok=True)
+        n = len(names)
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["embedding_size"] = int(embedding_size)
+            f.attrs["backbone_fingerprint"] = backbone_fingerprint or ""
+            f.attrs["dtype"] = dtype
+            f.attrs["has_momentum"] = bool(momentum)
+            f.create_dataset("committed_step", shape=(1,), dtype="<i8", dcpl=_contiguous_dcpl())[0] = -1
+            sdt = h5py.string_dtype("utf-8")
+            f.create_dataset("identities", shape=(0,), maxshape=(None,), dtype=sdt, chunks=(8192,))
+            f.create_dataset("id_photos", shape=(0,), maxshape=(None,), dtype=sdt, chunks=(8192,))
+            _add_segment(f, n, int(embedding_size), DTYPES[dtype], bool(momentum))
+            _append_strings(f["identities"], names)
+            _append_strings(f["id_photos"], photos, n)
+        os.replace(tmp, path)
+        store = cls._open(folder, "r+", cache=cache, durable=durable, need_manifest=False)
+        store._names = names
+        store._complete_on_close = True
+        store._filled = np.zeros(n, dtype=bool)
+        store._manifest_meta = {"params": params or {}, "inputs": inputs or {}}
+        if vectors is not None:
+            store.fill(0, vectors)
+        return store
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, mode: str = "r", expect_embedding_size: int | None = None,
+             expect_backbone_fingerprint: str | None = None, cache: str = "auto", durable: bool = False,
+             ram_limit_bytes: int | None = None, populate: bool | None = None) -> PrototypeStore:
+        """Open a store; refuse (``IncompatibleArtifact``) one of another embedding size or backbone.
+
+        ``cache``: ``ram`` reads the rows into memory, ``mmap`` maps the file, ``auto`` uses RAM
+        when the rows take at most ``ram_limit_bytes`` (default: 1 GiB and ≤ ¼ of free memory).
+        ``populate`` (mmap only) pre-faults the mapping so that random rows cost no page faults later
+        (it reads the file into the page cache once); default: for writers, when the rows take at most
+        80 % of the available memory (MemAvailable, which counts the page cache).
+        ``durable`` fsyncs every commit (power-loss safe, ~10–100 ms a commit).
+        """
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
+        if cache not in ("auto", "ram", "mmap"):
+            raise LblError(f"cache {cache!r}: expected auto, ram or mmap")
+        folder = Path(folder)
+        if folder.name == FILENAME:
+            folder = folder.parent
+        store = cls._open(folder, mode, cache=cache, durable=durable, need_manifest=True,
+                          ram_limit_bytes=ram_limit_bytes, populate=populate)
+        try:
+            check_compatible(str(folder), {"embedding_size": store.embedding_size,
+                                           "backbone_fingerprint": store.backbone_fingerprint},
+                             expect_embedding_size, expect_backbone_fingerprint)
+        except BaseException:
+            store.close(complete=False)
+            raise
+        return store
+
+    @classmethod
+    def _open(cls, folder: Path, mode: str, *, cache: str, durable: bool, need_manifest: bool,
+              ram_limit_bytes: int | None = None, populate: bool | None = None) -> PrototypeStore:
+        path = folder / FILENAME
+        if not path.is_file():
+            raise LblError(f"{folder}: no {FILENAME}; make a store with `lblctl imprint`")
+        if need_manifest:
+            if not (folder / MANIFEST).is_file():
+                raise IncompatibleArtifact(f"{folder}: store was never completed (no {MANIFEST}); "
+                                           "re-run `lblctl imprint` (with --resume)")
+            read_manifest(folder, kind="store")
+        self = cls()
+        self.folder, self.path, self.mode, self.durable = folder, path, mode, durable
+        if mode == "r+":
+            self._lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise LblError(f"{folder}: another process has this store open for writing; "
+                               "wait for it or open read-only") from None
+            if not os.access(path, os.W_OK):
+                self.close(complete=False)
+                raise LblError(f"{path}: not writable; open it read-only or fix its permissions")
+        try:
+            self._read_layout()
+            self._map()
+            self._recover()
+            self._choose_cache(cache, ram_limit_bytes)
+            self._populate(populate)
+        except BaseException:
+            self.close(complete=False)
+            raise
+        return self
+
+    def _read_layout(self) -> None:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise IncompatibleArtifact(f"{self.path}: not a readable HDF5 store (truncated or another "
+                                       f"format: {str(exc).splitlines()[0][:120]})") from None
+        with f:
+            if f.attrs.get("format") != FORMAT:
+                raise IncompatibleArtifact(f"{self.path}: not an lblctl prototype store "
+                                           f"(format {FORMAT} expected)")
+            self._attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            self._dim = int(self._attrs["embedding_size"])
+            self._dtype = DTYPES[str(self._attrs["dtype"])]
+            self._has_mom = bool(self._attrs["has_momentum"])
+            segs = []
+            for key in sorted(f["_segments"], key=int):
+                g = f["_segments"][key]
+                offs = [g[n].id.get_offset() for n in ("prototypes", "row_step")]
+                mom_off = g["momentum"].id.get_offset() if self._has_mom else None
+                start = int(g.attrs["start"])
+                stop = start + g["prototypes"].shape[0]
+                if stop > start and (None in offs or (self._has_mom and mom_off is None)):
+                    raise IncompatibleArtifact(f"{self.path}: segment {key} is not contiguous on disk")
+                segs.append(_Segment(start, stop, int(offs[0] or 0), int(offs[1] or 0),
+                                     None if mom_off is None else int(mom_off)))
+            commit_off = f["committed_step"].id.get_offset()
+        self._num_rows = segs[-1].stop if segs else 0
+        if self._num_rows != sum(s.stop - s.start for s in segs):
+            raise IncompatibleArtifact(f"{self.path}: segments do not tile the rows; the file is damaged")
+        size = self.path.stat().st_size
+        row_bytes = self._dim * self._dtype.itemsize
+        for s in segs:
+            n = s.stop - s.start
+            ends = [s.vec_offset + n * row_bytes, s.step_offset + 8 * n]
+            if s.mom_offset is not None:
+                ends.append(s.mom_offset + n * row_bytes)
+            if n and max(ends) > size:
+                raise IncompatibleArtifact(f"{self.path}: {size} bytes, too short for its "
+                                           f"{self._num_rows} rows "
+                                           "(truncated); re-create the store")
+        self._segments = segs
+        self._starts = np.asarray([s.start for s in segs], dtype=np.int64)
+        self._commit_offset = int(commit_off)
+
+    def _map(self) -> None:
+        mm_mode = "r+" if self.mode == "r+" else "r"
+        for s in self._segments:
+            n = s.stop - s.start
+            if n == 0:
+                s.vec = np.zeros((0, self._dim), dtype=self._dtype)
+                s.step = np.zeros(0, dtype="<i8")
+                s.mom = np.zeros((0, self._dim), dtype=self._dtype) if self._has_mom else None
+                continue
+            s.vec = np.memmap(self.path, dtype=self._dtype, mode=mm_mode, offset=s.vec_offset,
+                              shape=(n, self._dim))
+            s.step = np.memmap(self.path, dtype="<i8", mode=mm_mode, offset=s.step_offset, shape=(n,))
+            if self._has_mom:
+                s.mom = np.memmap(self.path, dtype=self._dtype, mode=mm_mode, offset=s.mom_offset,
+                                  shape=(n, self._dim))
+        self._commit_mm = np.memmap(self.path, dtype="<i8", mode=mm_mode, offset=self._commit_offset,
+                                    shape=(1,))
+        self._committed = int(self._commit_mm[0])
+        if self.mode == "r+" and self._data_fd is None:
+            self._data_fd = os.open(self.path, os.O_RDWR)
+
+    def _choose_cache(self, cache: str, ram_limit_bytes: int | None) -> None:
+        nbytes = self._num_rows * self._dim * self._dtype.itemsize * (2 if self._has_mom else 1)
+        if cache == "auto":
+            limit = ram_limit_bytes if ram_limit_bytes is not None else min(1 << 30, _available_memory() // 4)
+            cache = "ram" if nbytes <= limit else "mmap"
+        self.cache = cache
+        if cache == "ram":
+            self._ram_vec = self._concat("vec")
+            self._ram_mom = self._concat("mom") if self._has_mom else None
+        else:
+            self._ram_vec = self._ram_mom = None
+
+    def _populate(self, populate: bool | None) -> None:
+        if self.cache != "mmap":
+            return
+        maps = [mm for s in self._segments for mm in (s.vec, s.step, s.mom) if isinstance(mm, np.memmap)]
+        if populate is None:
+            nbytes = sum(mm.nbytes for mm in maps)
+            populate = self.mode == "r+" and nbytes <= 0.8 * _available_memory()
+        if not populate:
+            return
+        for mm in maps:
+            raw = getattr(mm, "_mmap", None)
+            try:
+                raw.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))  # Linux ≥ 5.14; elsewhere a no-op
+            except (AttributeError, OSError, ValueError):
+                return
+
+    def _concat(self, attr: str) -> np.ndarray:
+        out = np.empty((self._num_rows, self._dim), dtype=self._dtype)
+        for s in self._segments:
+            out[s.start:s.stop] = getattr(s, attr)
+        return out
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    @property
+    def embedding_size(self) -> int:
+        return self._dim
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self._dtype.itemsize == 2 else "float32"
+
+    @property
+    def has_momentum(self) -> bool:
+        return self._has_mom
+
+    @property
+    def backbone_fingerprint(self) -> str | None:
+        return str(self._attrs.get("backbone_fingerprint") or "") or None
+
+    @property
+    def committed_step(self) -> int:
+        """Step of the last completed commit (−1: never committed since creation)."""
+        return self._committed
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._p_rows)
+
+    @property
+    def names(self) -> StringArray:
+        """Identity names (row order), with ``.lookup(names)`` → rows (−1 where absent)."""
+        if self._names is None:
+            self._names = self._read_strings("identities")
+        return self._names
+
+    @property
+    def id_photos(self) -> StringArray:
+        """ID photo path of each identity ("" where the store was made from features)."""
+        if self._id_photos is None:
+            self._id_photos = self._read_strings("id_photos")
+        return self._id_photos
+
+    def _read_strings(self, name: str) -> StringArray:
+        builder = StringArrayBuilder()
+        with h5py.File(self.path, "r") as f:
+            ds = f[name]
+            for a in range(0, ds.shape[0], _NAME_CHUNK):
+                for s in ds[a:a + _NAME_CHUNK]:
+                    builder.append(s.decode("utf-8") if isinstance(s, bytes) else str(s))
+        return builder.build()
+
+    # ------------------------------------------------------------------ reading
+
+    def _check_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self._num_rows):
+            raise IndexError(f"row out of range 0..{self._num_rows - 1}")
+        return rows
+
+    def _base(self, rows: np.ndarray, which: str) -> np.ndarray:
+        """Committed values of ``rows`` as float32 (RAM copy or mapped segments)."""
+        ram = self._ram_vec if which == "vec" else self._ram_mom
+        if ram is not None:
+            return ram[rows].astype(np.float32, copy=False)
+        if len(self._segments) == 1:
+            return getattr(self._segments[0], which)[rows].astype(np.float32, copy=False)
+        out = np.empty((len(rows), self._dim), dtype=np.float32)
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(seg):
+            m = seg == k
+            s = self._segments[int(k)]
+            out[m] = getattr(s, which)[rows[m] - s.start]
+        return out
+
+    def _overlay(self, rows: np.ndarray, out: np.ndarray, pending: np.ndarray | None) -> np.ndarray:
+        if len(self._p_rows) and pending is not None:
+            pos = np.minimum(np.searchsorted(self._p_rows, rows), len(self._p_rows) - 1)
+            hit = self._p_rows[pos] == rows
+            if hit.any():
+                out[hit] = pending[pos[hit]]
+        return out
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as a K×D float32 array (staged, uncommitted rows included)."""
+        self._check_open()
+        rows = self._check_rows(rows)
+        return self._overlay(rows, np.array(self._base(rows, "vec"), dtype=np.float32), self._p_vec)
+
+    def gather_momentum(self, rows: np.ndarray) -> np.ndarray:
+        self._check_open()
+        if not self._has_mom:
+            raise LblError(f"{self.folder}: this store keeps no momentum (create it with momentum=True)")
+        rows = self._check_rows(rows)
+        return self._overlay(rows, np.array(self._base(rows, "mom"), dtype=np.float32), self._p_mom)
+
+    def row_steps(self, rows: np.ndarray) -> np.ndarray:
+        """Commit step that last wrote each row (−1: as created)."""
+        rows = self._check_rows(rows)
+        out = np.empty(len(rows), dtype=np.int64)
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(seg):
+            m = seg == k
+            s = self._segments[int(k)]
+            out[m] = s.step[rows[m] - s.start]
+        return out
+
+    def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream every row in order as (start, float32 array), without loading the whole store."""
+        self._check_open()
+        for start in range(0, self._num_rows, max(1, int(chunk_rows))):
+            rows = np.arange(start, min(self._num_rows, start + chunk_rows), dtype=np.int64)
+            yield start, self._overlay(rows, np.array(self._base(rows, "vec"), dtype=np.float32), self._p_vec)
+
+    # ------------------------------------------------------------------ writing
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.mode != "r+":
+            raise LblError(f"{self.folder}: opened read-only; open it with mode='r+' to write")
+
+    def scatter(self, rows: np.ndarray, vectors: np.ndarray, step: int | None = None,
+                momentum: np.ndarray | None = None, normalised: bool = False) -> None:
+        """Stage new values of ``rows`` (renormalised to unit length); ``step`` given = commit now.
+
+        A row given twice keeps its last vector. Nothing reaches the file before :meth:`commit`.
+        """
+        self._check_writable()
+        rows = self._check_rows(rows)
+        vecs = np.asarray(vectors, dtype=np.float32).reshape(len(rows), self._dim)
+        if normalised:  # the caller normalised them (and keeps the same bits in memory): check only
+            norms = np.linalg.norm(vecs, axis=1)
+            if not np.all(np.abs(norms - 1.0) < 1e-2):
+                raise ValueError("scatter(normalised=True): rows are not unit vectors")
+        else:
+            vecs = _normalise(vecs, "scatter")
+        mom = None
+        if momentum is not None:
+            if not self._has_mom:
+                raise LblError(f"{self.folder}: this store keeps no momentum (create it with momentum=True)")
+            mom = np.asarray(momentum, dtype=np.float32).reshape(len(rows), self._dim)
+        self._stage(rows, vecs, mom)
+        if step is not None:
+            self.commit(step)
+
+    def scatter_momentum(self, rows: np.ndarray, momentum: np.ndarray) -> None:
+        """Stage new optimiser momentum for ``rows`` (kept as is, not normalised)."""
+        self._check_writable()
+        if not self._has_mom:
+            raise LblError(f"{self.folder}: this store keeps no momentum (create it with momentum=True)")
+        rows = self._check_rows(rows)
+        self._stage(rows, None, np.asarray(momentum, dtype=np.float32).reshape(len(rows), self._dim))
+
+    def _stage(self, rows: np.ndarray, vecs: np.ndarray | None, mom: np.ndarray | None) -> None:
+        rev = rows[::-1]
+        urows, first = np.unique(rev, return_index=True)  # last occurrence wins
+        keep = len(rows) - 1 - first
+        vecs = vecs[keep] if vecs is not None else None
+        mom = mom[keep] if mom is not None else None
+        if len(self._p_rows):
+            pos = np.minimum(np.searchsorted(self._p_rows, urows), len(self._p_rows) - 1)
+            hit = self._p_rows[pos] == urows
+        else:
+            pos = np.zeros(len(urows), dtype=np.int64)
+            hit = np.zeros(len(urows), dtype=bool)
+        if hit.any():
+            if vecs is not None:
+                self._p_vec[pos[hit]] = vecs[hit]
+            if mom is not None and self._p_mom is not None:
+                self._p_mom[pos[hit]] = mom[hit]
+        new = ~hit
+        if new.all() and not len(self._p_rows) and vecs is not None and (mom is not None or not self._has_mom):
+            self._p_rows, self._p_vec, self._p_mom = urows, vecs, mom  # nothing staged yet: already sorted
+            return
+        if new.any():
+            nrows = urows[new]
+            nvec = vecs[new] if vecs is not None else self._base(nrows, "vec")
+            nmom = None
+            if self._has_mom:
+                nmom = mom[new] if mom is not None else self._base(nrows, "mom")
+            all_rows = np.concatenate([self._p_rows, nrows])
+            order = np.argsort(all_rows, kind="stable")
+            self._p_rows = all_rows[order]
+            pv = self._p_vec if len(self._p_vec) else np.zeros((0, self._dim), dtype=np.float32)
+            self._p_vec = np.concatenate([pv, nvec.astype(np.float32)])[order]
+            if self._has_mom:
+                pm = self._p_mom if self._p_mom is not None else np.zeros((0, self._dim), dtype=np.float32)
+                self._p_mom = np.concatenate([pm, nmom.astype(np.float32)])[order]
+
+    def discard(self) -> None:
+        """Forget staged rows (the store stays at its committed step)."""
+        self._p_rows = np.zeros(0, dtype=np.int64)
+        self._p_vec = np.zeros((0, self._dim), dtype=np.float32)
+        self._p_mom = None
+
+    def commit(self, step: int) -> None:
+        """Make the staged rows durable as ``step``: write-ahead log, apply, drop the log."""
+        self._check_writable()
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"commit step {step}: must be ≥ 0")
+        rows = self._p_rows
+        vec = self._p_vec.astype(self._dtype, copy=False) if len(rows) else np.zeros((0, self._dim), self._dtype)
+        mom = self._p_mom.astype(self._dtype, copy=False) if (self._has_mom and len(rows)) else None
+        if self._has_mom and mom is None:
+            mom = np.zeros((0, self._dim), self._dtype)
+        self._write_wal(step, rows, vec, mom)
+        self._apply(step, rows, vec, mom)
+        self._drop_wal()
+        self.discard()
+
+    def _write_wal(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
+        payload = [memoryview(np.ascontiguousarray(rows, dtype="<i8")).cast("B"),
+                   memoryview(np.ascontiguousarray(vec)).cast("B")]
+        if mom is not None:
+            payload.append(memoryview(np.ascontiguousarray(mom)).cast("B"))
+        crc = 0
+        for p in payload:
+            crc = zlib.crc32(p, crc)
+        header = _WAL_HEADER.pack(_WAL_MAGIC, step, len(rows), self._dim, self._dtype.itemsize,
+                                  int(mom is not None), crc)
+        tmp = self.folder / (WAL_NAME + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                fh.write(header)
+                for p in payload:
+                    fh.write(p)
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.folder / WAL_NAME)  # the commit point
+        if self.durable:
+            _fsync_dir(self.folder)
+
+    def _apply(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
+        if len(rows):
+            seg = np.searchsorted(self._starts, rows, side="right") - 1
+            for k in np.unique(seg):
+                m = seg == k
+                s = self._segments[int(k)]
+                r = rows[m] - s.start
+                s.vec[r] = vec[m]
+                s.step[r] = step
+                if mom is not None and s.mom is not None:
+                    s.mom[r] = mom[m]
+            if self._ram_vec is not None:
+                self._ram_vec[rows] = vec
+            if self._ram_mom is not None and mom is not None:
+                self._ram_mom[rows] = mom
+        assert self._commit_mm is not None
+        self._commit_mm[0] = step
+        self._committed = step
+        if self.durable and self._data_fd is not None:
+            os.fsync(self._data_fd)  # shared-mapping pages live in the page cache: fsync writes them
+
+    def _drop_wal(self) -> None:
+        (self.folder / WAL_NAME).unlink(missing_ok=True)
+        if self.durable:
+            _fsync_dir(self.folder)
+
+    def _read_wal(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None:
+        try:
+            data = (self.folder / WAL_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) < _WAL_HEADER.size:
+            return None
+        magic, step, count, dim, itemsize, has_mom, crc = _WAL_HEADER.unpack_from(data)
+        row_bytes = dim * itemsize
+        want = _WAL_HEADER.size + 8 * count + row_bytes * count * (2 if has_mom else 1)
+        if (magic != _WAL_MAGIC or dim != self._dim or itemsize != self._dtype.itemsize or len(data) != want
+                or zlib.crc32(data[_WAL_HEADER.size:]) != crc or bool(has_mom) != self._has_mom):
+            return None
+        o = _WAL_HEADER.size
+        rows = np.frombuffer(data, dtype="<i8", count=count, offset=o)
+        o += 8 * count
+        vec = np.frombuffer(data, dtype=self._dtype, count=count * dim, offset=o).reshape(count, dim)
+        o += row_bytes * count
+        mom = None
+        if has_mom:
+            mom = np.frombuffer(data, dtype=self._dtype, count=count * dim, offset=o).reshape(count, dim)
+        if count and (rows.min() < 0 or rows.max() >= self._num_rows):
+            return None
+        return int(step), rows, vec, mom
+
+    def _recover(self) -> None:
+        """Finish a commit whose log is whole; forget one whose log was still being written."""
+        tmp = self.folder / (WAL_NAME + ".tmp")
+        notes = []
+        if tmp.exists():
+            notes.append(f"discarded an unfinished commit after step {self._committed}")
+            if self.mode == "r+":
+                tmp.unlink(missing_ok=True)
+        if (self.folder / WAL_NAME).exists():
+            wal = self._read_wal()
+            if wal is None:
+                notes.append("discarded a damaged write-ahead log")
+                if self.mode == "r+":
+                    self._drop_wal()
+            else:
+                step, rows, vec, mom = wal
+                if self.mode == "r+":
+                    self._apply(step, rows, vec, mom)
+                    self._drop_wal()
+                    notes.append(f"completed the commit of step {step} from the write-ahead log")
+                else:  # a reader sees the committed state without touching the file
+                    self._p_rows = rows.copy()
+                    self._p_vec = vec.astype(np.float32)
+                    self._p_mom = mom.astype(np.float32) if mom is not None else None
+                    self._committed = step
+                    notes.append(f"read the commit of step {step} from the write-ahead log")
+        self.recovery = "; ".join(notes) if notes else "clean"
+
+    def fill(self, start: int, vectors: np.ndarray) -> None:
+        """Write rows ``start…`` directly (renormalised): for populating a new store, not for training."""
+        self._check_writable()
+        if len(self._p_rows):
+            raise LblError("fill: commit or discard the staged rows first")
+        vecs = _normalise(vectors, "fill").astype(self._dtype)
+        stop = start + len(vecs)
+        if start < 0 or stop > self._num_rows:
+            raise IndexError(f"fill rows {start}..{stop} outside 0..{self._num_rows}")
+        (self.folder / WAL_NAME).unlink(missing_ok=True)
+        for s in self._segments:
+            a, b = max(start, s.start), min(stop, s.stop)
+            if a < b:
+                s.vec[a - s.start:b - s.start] = vecs[a - start:b - start]
+                s.step[a - s.start:b - s.start] = -1
+                if s.mom is not None:
+                    s.mom[a - s.start:b - s.start] = 0
+        if self._ram_vec is not None:
+            self._ram_vec[start:stop] = vecs
+        if self._ram_mom is not None:
+            self._ram_mom[start:stop] = 0
+        if self._filled is not None:
+            self._filled[start:stop] = True
+
+    def append(self, names: Iterable[str] | StringArray, vectors: np.ndarray,
+               id_photos: Iterable[str] | StringArray | None = None) -> np.ndarray:
+        """Add identities as a new segment (nothing is rewritten); return their rows.
+
+        A structural change (it goes through the HDF5 library): do it between trainings, not while
+        a kill may come; staged rows must be committed first.
+        """
+        self._check_writable()
+        if len(self._p_rows):
+            raise LblError("append: commit or discard the staged rows first")
+        names = _as_strings(names)
+        photos = _as_strings(id_photos) if id_photos is not None else None
+        vecs = _normalise(np.asarray(vectors).reshape(len(names), self._dim), "append").astype(self._dtype)
+        dups = _duplicates(names)
+        if dups:
+            raise LblError(f"append: '{dups[0]}' is given twice")
+        clash = self.names.lookup(names) if len(names) else np.zeros(0, dtype=np.int64)
+        if (clash >= 0).any():
+            first = names[int(np.flatnonzero(clash >= 0)[0])]
+            raise LblError(f"append: identity '{first}' is already in the store")
+        if len(names) == 0:
+            return np.zeros(0, dtype=np.int64)
+        start = self._num_rows
+        self._unmap()
+        with h5py.File(self.path, "r+") as f:
+            g = _add_segment(f, len(names), self._dim, self._dtype, self._has_mom)
+            g["prototypes"][...] = vecs
+            g["row_step"][...] = -1
+            if self._has_mom:
+                g["momentum"][...] = np.zeros_like(vecs)
+            _append_strings(f["identities"], names)
+            _append_strings(f["id_photos"], photos, len(names))
+        self._read_layout()
+        self._map()
+        if self._filled is not None:
+            self._filled = np.concatenate([self._filled, np.ones(len(names), dtype=bool)])
+        if self.cache == "ram":
+            self._choose_cache("ram", None)
+        if self._names is not None:  # join the byte buffers; no per-name Python work
+            old = self._names
+            self._names = StringArray(np.concatenate([old.buffer, names.buffer]),
+                                      np.concatenate([old.offsets, names.offsets[1:] + old.offsets[-1]]))
+        self._id_photos = None
+        if (self.folder / MANIFEST).is_file() and not self._complete_on_close:
+            self._write_manifest()
+        return np.arange(start, self._num_rows, dtype=np.int64)
+
+    def flush(self) -> None:
+        """Push mapped writes to the page cache owner (and to disk when durable)."""
+        for s in self._segments:
+            for mm in (s.vec, s.step, s.mom):
+                if isinstance(mm, np.memmap) and self.mode == "r+":
+                    mm.flush()
+        if self._data_fd is not None:
+            os.fsync(self._data_fd)
+
+    def set_backbone_fingerprint(self, fingerprint: str) -> None:
+        """Tie the store to another backbone: train-dp fine-tunes the prototypes and the backbone
+        together, so its store belongs to the backbone it writes (the manifest follows on close)."""
+        self._check_writable()
+        self.flush()
+        with h5py.File(self.path, "r+") as f:  # an attribute only: the mapped rows do not move
+            f.attrs["backbone_fingerprint"] = fingerprint
+        self._attrs["backbone_fingerprint"] = fingerprint
+        self._complete_on_close = True
+
+    # ------------------------------------------------------------------ closing
+
+    def _write_manifest(self) -> None:
+        meta = self._manifest_meta
+        if not meta and (self.folder / MANIFEST).is_file():
+            old = read_manifest(self.folder, kind="store", verify_files=False)
+            meta = {"params": old.get("params", {}), "inputs": old.get("inputs", {}),
+                    "command": old.get("command")}
+        write_manifest(self.folder, "store", params=meta.get("params"), inputs=meta.get("inputs"),
+                       files=[FILENAME], embedding_size=self._dim,
+                       backbone_fingerprint=self.backbone_fingerprint,
+                       extra={"num_rows": self._num_rows, "dtype": self.dtype, "has_momentum": self._has_mom,
+                              "store_format": FORMAT}, command=meta.get("command"))
+
+    def _unmap(self) -> None:
+        for s in self._segments:
+            for name in ("vec", "step", "mom"):
+                mm = getattr(s, name)
+                if isinstance(mm, np.memmap) and self.mode == "r+":
+                    mm.flush()
+                setattr(s, name, None)
+        self._commit_mm = None
+
+    def close(self, complete: bool = True) -> None:
+        """Unmap and unlock; a newly created store gets its manifest here (when ``complete``)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.mode == "r+" and self._segments and self._segments[0].vec is not None:
+                self.flush()
+            self._unmap()
+            self._ram_vec = self._ram_mom = None
+            if complete and self._complete_on_close:
+                missing = np.flatnonzero(~self._filled) if self._filled is not None else []
+                if len(missing):
+                    raise LblError(f"{self.folder}: {len(missing)} row(s) never written (first: row "
+                                   f"{int(missing[0])}); the store is left incomplete")
+                self._write_manifest()
+        finally:
+            for fd in (self._data_fd, self._lock_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._data_fd = self._lock_fd = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LblError(f"{self.folder}: store is closed")
+
+    def __enter__(self) -> PrototypeStore:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(complete=exc_type is None)
+
+    def __repr__(self) -> str:
+        return (f"PrototypeStore({str(self.folder)!r}, rows={self._num_rows}, dim={self._dim}, "
+                f"dtype={self.dtype}, "
+                f"cache={self.cache}, committed_step={self._committed}, mode={self.mode!r})")
+
+
+# ---------------------------------------------------------------------- helpers (h5py side)
+
+
+def _add_segment(f: h5py.File, n: int, dim: int, dtype: np.dtype, momentum: bool) -> h5py.Group:
+    """Add contiguous datasets for ``n`` more rows and re-point the virtual datasets over all segments."""
+    segs = f.require_group("_segments")
+    key = str(len(segs))
+    start = sum(segs[k]["prototypes"].shape[0] for k in segs)
+    g = segs.create_group(key)
+    g.attrs["start"] = start
+    names = [("prototypes", (n, dim), dtype), ("row_step", (n,), np.dtype("<i8"))]
+    if momentum:
+        names.append(("momentum", (n, dim), dtype))
+    for name, shape, dt in names:
+        g.create_dataset(name, shape=shape, dtype=dt, dcpl=_contiguous_dcpl())
+    total = start + n
+    for name, shape, dt in names:
+        full = (total, *shape[1:])
+        layout = h5py.VirtualLayout(shape=full, dtype=dt)
+        for k in sorted(segs, key=int):
+            src = segs[k][name]
+            a = int(segs[k].attrs["start"])
+            if src.shape[0]:
+                layout[a:a + src.shape[0]] = h5py.VirtualSource(src)
+        if name in f:
+            del f[name]
+        f.create_virtual_dataset(name, layout, fillvalue=0)
+    return g
+
+
+def _append_strings(ds: h5py.Dataset, items: StringArray | None, count: int | None = None) -> None:
+    n = len(items) if items is not None else int(count or 0)
+    base = ds.shape[0]
+    ds.resize((base + n,))
+    for a in range(0, n, _NAME_CHUNK):
+        b = min(n, a + _NAME_CHUNK)
+        chunk = [items[i] for i in range(a, b)] if items is not None else [""] * (b - a)
+        ds[base + a:base + b] = np.array(chunk, dtype=object)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

@@ -1,0 +1,290 @@
+"""The prototype store: round trip, renormalisation, lookup, append, refusals, crash safety (kill -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from lblctl.errors import IncompatibleArtifact, LblError
+from lblctl.store import FILENAME, WAL_NAME, PrototypeStore, _normalise
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows over their norms, computed as the store does (exact comparisons below)."""
+    out = _normalise(x)
+    np.testing.assert_allclose(out, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    return out
+
+
+def make(folder: Path, n: int = 50, d: int = 8, dtype: str = "float32", seed: int = 0, **kw) -> np.ndarray:
+    vecs = np.random.default_rng(seed).normal(size=(n, d))
+    with PrototypeStore.create(folder, d, [f"person_{i:04d}" for i in range(n)], dtype=dtype,
+                               backbone_fingerprint="sha256:abc", vectors=vecs, **kw):
+        pass
+    return vecs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("cache", ["ram", "mmap"])
+def test_round_trip_and_plain_h5py(tmp_path: Path, dtype: str, cache: str) -> None:
+    vecs = make(tmp_path / "s", dtype=dtype)
+    expected = unit(vecs).astype(dtype).astype(np.float32)
+    with PrototypeStore.open(tmp_path / "s", cache=cache) as s:
+        assert (s.num_rows, s.embedding_size, s.dtype, s.cache) == (50, 8, dtype, cache)
+        assert s.backbone_fingerprint == "sha256:abc" and s.committed_step == -1
+        rows = np.array([7, 3, 49, 0, 7])
+        got = s.gather(rows)
+        assert got.dtype == np.float32 and got.shape == (5, 8)
+        np.testing.assert_array_equal(got, expected[rows])
+        np.testing.assert_array_equal(np.concatenate([c for _, c in s.iter_chunks(16)]), expected)
+    with h5py.File(tmp_path / "s" / FILENAME, "r") as f:  # readable without lblctl
+        np.testing.assert_array_equal(f["prototypes"][:].astype(np.float32), expected)
+        assert f["identities"][3].decode() == "person_0003" and f["prototypes"].dtype == np.dtype(dtype)
+        assert f.attrs["embedding_size"] == 8 and f["committed_step"][0] == -1
+
+
+def test_scatter_renormalises_and_commits(tmp_path: Path) -> None:
+    make(tmp_path / "s")
+    new = np.array([[3.0, 4.0, 0, 0, 0, 0, 0, 0], [0, 0, 10.0, 0, 0, 0, 0, 0]])
+    with PrototypeStore.open(tmp_path / "s", "r+") as s:
+        s.scatter([5, 9], new)
+        np.testing.assert_allclose(s.gather([5, 9]), [[0.6, 0.8, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]],
+                                   atol=1e-7)
+        with pytest.raises(ValueError, match="zero or not finite"):
+            s.scatter([1], np.zeros((1, 8)))
+        s.scatter([5, 5], [new[1], new[0]])  # the last of a repeated row wins
+        s.commit(4)
+    with PrototypeStore.open(tmp_path / "s") as s:
+        assert s.committed_step == 4 and s.recovery == "clean"
+        np.testing.assert_allclose(s.gather([5, 9]), [[0.6, 0.8, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]],
+                                   atol=1e-7)
+        np.testing.assert_array_equal(s.row_steps(np.array([5, 9, 0])), [4, 4, -1])
+        np.testing.assert_allclose(np.linalg.norm(s.gather(np.arange(50)), axis=1), 1.0, atol=1e-6)
+
+
+def test_uncommitted_rows_do_not_reach_the_file(tmp_path: Path) -> None:
+    vecs = make(tmp_path / "s")
+    s = PrototypeStore.open(tmp_path / "s", "r+", cache="mmap")
+    s.scatter([2], np.ones((1, 8)))
+    assert s.pending_rows == 1
+    with PrototypeStore.open(tmp_path / "s") as reader:
+        np.testing.assert_allclose(reader.gather([2])[0], unit(vecs)[2], atol=1e-7)
+    s.close()
+    with PrototypeStore.open(tmp_path / "s") as reader:
+        np.testing.assert_allclose(reader.gather([2])[0], unit(vecs)[2], atol=1e-7)
+
+
+def test_momentum_kept_beside_prototypes(tmp_path: Path) -> None:
+    make(tmp_path / "s", momentum=True)
+    with PrototypeStore.open(tmp_path / "s", "r+") as s:
+        assert s.has_momentum
+        np.testing.assert_array_equal(s.gather_momentum([0, 1]), 0)
+        s.scatter([1, 2], np.ones((2, 8)), momentum=np.full((2, 8), 0.5))
+        s.scatter_momentum([3], np.full((1, 8), -2.0))
+        s.commit(1)
+    with PrototypeStore.open(tmp_path / "s") as s:
+        np.testing.assert_array_equal(s.gather_momentum([1, 2, 3, 4])[:, 0], [0.5, 0.5, -2.0, 0.0])
+    make(tmp_path / "plain")
+    with PrototypeStore.open(tmp_path / "plain", "r+") as s, pytest.raises(LblError, match="no momentum"):
+        s.gather_momentum([0])
+
+
+def test_name_lookup_and_duplicates(tmp_path: Path) -> None:
+    make(tmp_path / "s", n=300)
+    with PrototypeStore.open(tmp_path / "s") as s:
+        np.testing.assert_array_equal(s.names.lookup(["person_0299", "nobody", "person_0000", "person_0150"]),
+                                      [299, -1, 0, 150])
+        assert s.names[42] == "person_0042"
+    with pytest.raises(LblError, match="occur twice"):
+        PrototypeStore.create(tmp_path / "d", 4, ["a", "b", "a"], vectors=np.ones((3, 4)))
+
+
+def test_append_adds_a_segment_without_rewriting(tmp_path: Path) -> None:
+    vecs = make(tmp_path / "s", n=40)
+    path = tmp_path / "s" / FILENAME
+    with h5py.File(path, "r") as f:
+        first_offset = f["_segments/0/prototypes"].id.get_offset()
+    size_before = path.stat().st_size
+    more = np.random.default_rng(1).normal(size=(25, 8))
+    with PrototypeStore.open(tmp_path / "s", "r+", cache="mmap") as s:
+        s.scatter([1], np.ones((1, 8)), step=1)
+        rows = s.append([f"new_{i}" for i in range(25)], more,
+                        id_photos=[f"/photos/new_{i}/id.jpg" for i in range(25)])
+        np.testing.assert_array_equal(rows, np.arange(40, 65))
+        assert s.num_rows == 65 and s.names.lookup(["new_24", "person_0001"]).tolist() == [64, 1]
+        s.scatter([0, 60], np.ones((2, 8)))  # writes reach both segments
+        s.commit(2)
+        with pytest.raises(LblError, match="already in the store"):
+            s.append(["person_0003"], np.ones((1, 8)))
+    with PrototypeStore.open(tmp_path / "s", expect_embedding_size=8) as s:
+        got = s.gather(np.arange(65))
+        np.testing.assert_allclose(got[40:60], unit(more)[:20], atol=1e-7)
+        np.testing.assert_allclose(got[[0, 1, 60]], np.full((3, 8), 8 ** -0.5), atol=1e-7)
+        np.testing.assert_allclose(got[2:40], unit(vecs)[2:40], atol=1e-7)
+        assert s.id_photos[64] == "/photos/new_24/id.jpg" and s.id_photos[0] == ""
+    with h5py.File(path, "r") as f:
+        assert f["_segments/0/prototypes"].id.get_offset() == first_offset
+        assert f["prototypes"].shape == (65, 8) and f["identities"].shape == (65,)
+        np.testing.assert_allclose(f["prototypes"][40:60], unit(more)[:20], atol=1e-7)
+    assert path.stat().st_size - size_before < 25 * 8 * 4 * 3 + 64 * 1024  # new rows + metadata, not a copy
+
+
+def test_read_only_and_single_writer(tmp_path: Path) -> None:
+    make(tmp_path / "s")
+    readers = [PrototypeStore.open(tmp_path / "s") for _ in range(3)]
+    with pytest.raises(LblError, match="read-only"):
+        readers[0].scatter([0], np.ones((1, 8)))
+    with pytest.raises(LblError, match="read-only"):
+        readers[1].append(["x"], np.ones((1, 8)))
+    writer = PrototypeStore.open(tmp_path / "s", "r+")
+    with pytest.raises(LblError, match="another process has this store open for writing"):
+        PrototypeStore.open(tmp_path / "s", "r+")
+    writer.close()
+    PrototypeStore.open(tmp_path / "s", "r+").close()  # the lock went with the writer
+    for r in readers:
+        assert r.gather([0]).shape == (1, 8)
+        r.close()
+
+
+def test_refuses_mismatched_or_broken_stores(tmp_path: Path) -> None:
+    make(tmp_path / "s")
+    with pytest.raises(IncompatibleArtifact, match="embedding size 8 does not match the expected 512"):
+        PrototypeStore.open(tmp_path / "s", expect_embedding_size=512)
+    with pytest.raises(IncompatibleArtifact, match="made by another backbone"):
+        PrototypeStore.open(tmp_path / "s", expect_backbone_fingerprint="sha256:other")
+    PrototypeStore.open(tmp_path / "s", expect_embedding_size=8,
+                        expect_backbone_fingerprint="sha256:abc").close()
+    # never completed (the manifest comes last): refused
+    s = PrototypeStore.create(tmp_path / "half", 8, ["a", "b"])
+    s.close(complete=False)
+    with pytest.raises(IncompatibleArtifact, match="never completed"):
+        PrototypeStore.open(tmp_path / "half")
+    with pytest.raises(LblError, match="1 row\\(s\\) never written"), \
+            PrototypeStore.create(tmp_path / "half", 8, ["a", "b"], overwrite=True) as s:
+        s.fill(0, np.ones((1, 8)))
+    with pytest.raises(IncompatibleArtifact, match="never completed"):
+        PrototypeStore.open(tmp_path / "half")
+    # truncated file: refused by the manifest's size check
+    path = tmp_path / "s" / FILENAME
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(IncompatibleArtifact, match="truncated"):
+        PrototypeStore.open(tmp_path / "s")
+    with pytest.raises(LblError, match="no prototypes.h5"):
+        PrototypeStore.open(tmp_path / "nothing")
+
+
+def test_recovery_of_each_crash_point(tmp_path: Path) -> None:
+    """The two states a kill can leave: a whole log not yet applied, and a half-written log."""
+    vecs = make(tmp_path / "s")
+    s = PrototypeStore.open(tmp_path / "s", "r+", cache="mmap")
+    s.scatter([3], np.ones((1, 8)), step=1)
+    s.scatter([4, 5], np.ones((2, 8)))  # commit 2 logged, then "killed" before it is applied
+    s._write_wal(2, s._p_rows, s._p_vec, None)
+    s.close()
+    with PrototypeStore.open(tmp_path / "s") as r:  # a reader sees step 2 without changing the file
+        assert r.committed_step == 2 and "read the commit of step 2" in r.recovery
+        np.testing.assert_allclose(r.gather([3, 4, 5]), np.full((3, 8), 8 ** -0.5), atol=1e-7)
+    assert (tmp_path / "s" / WAL_NAME).exists()
+    with PrototypeStore.open(tmp_path / "s", "r+") as w:
+        assert w.committed_step == 2 and "completed the commit of step 2" in w.recovery
+        w.scatter([6], np.ones((1, 8)))  # commit 3 "killed" while its log was being written
+        (tmp_path / "s" / (WAL_NAME + ".tmp")).write_bytes(b"LBLWAL01 partial")
+    with PrototypeStore.open(tmp_path / "s", "r+") as w:
+        assert w.committed_step == 2 and "discarded an unfinished commit after step 2" in w.recovery
+        np.testing.assert_allclose(w.gather([6])[0], unit(vecs)[6], atol=1e-7)
+        assert not list((tmp_path / "s").glob(WAL_NAME + "*"))
+
+
+# ------------------------------------------------------------------ kill -9 at random moments
+
+N, D, K = 3000, 16, 400
+
+WRITER = f"""
+import sys
+import numpy as np
+from lblctl.store import PrototypeStore
+N, D, K = {N}, {D}, {K}
+with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2]) as s:
+    step = s.committed_step
+    print("start", step, flush=True)
+    while True:
+        step += 1
+        rng = np.random.default_rng(step)
+        rows = rng.choice(N, K, replace=False)
+        s.scatter(rows, rng.normal(size=(K, D)), momentum=rng.normal(size=(K, D)))
+        s.commit(step)
+        print(step, flush=True)
+"""
+
+
+def expected_state(initial: np.ndarray, upto: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vec = unit(initial).astype(dtype).astype(np.float32)
+    mom = np.zeros_like(vec)
+    steps = np.full(N, -1)
+    for step in range(0, upto + 1):  # the first writer starts at step 0
+        rng = np.random.default_rng(step)
+        rows = rng.choice(N, K, replace=False)
+        vec[rows] = unit(rng.normal(size=(K, D))).astype(dtype).astype(np.float32)
+        mom[rows] = rng.normal(size=(K, D)).astype(np.float32).astype(dtype).astype(np.float32)
+        steps[rows] = step
+    return vec, mom, steps
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_at_random_moments(tmp_path: Path) -> None:
+    dtype = "float16"
+    initial = make(tmp_path / "s", n=N, d=D, dtype=dtype, momentum=True)
+    rng = np.random.default_rng(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    last, recoveries = -1, []
+    for kill in range(16):
+        cache = ("ram", "mmap")[kill % 2]
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), cache],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("start")
+        time.sleep(float(rng.uniform(0.0, 0.12)))
+        os.kill(proc.pid, signal.SIGKILL)
+        printed = [int(x) for x in proc.stdout.read().split()]
+        proc.wait()
+        done = printed[-1] if printed else last
+        with PrototypeStore.open(tmp_path / "s", "r+", cache="mmap") as s:
+            step = s.committed_step
+            recoveries.append(s.recovery)
+            assert step in (done, done + 1), (step, done)  # the last reported commit, or the one under way
+            assert step >= last
+            vec, mom, steps = expected_state(initial, step, dtype)
+            np.testing.assert_array_equal(s.gather(np.arange(N)), vec)
+            np.testing.assert_array_equal(s.gather_momentum(np.arange(N)), mom)
+            np.testing.assert_array_equal(s.row_steps(np.arange(N)), steps)
+        last = step
+    assert last > 16  # the writers got real work done between kills
+    print(f"kill -9 ×16, last step {last}; recoveries: {[r for r in recoveries if r != 'clean']}")
+
+
+def test_prenormalised_scatter_is_bit_exact_and_fingerprint_can_move(tmp_path: Path) -> None:
+    make(tmp_path / "s", dtype="float16")
+    v = unit(np.random.default_rng(5).normal(size=(3, 8))).astype(np.float16).astype(np.float32)
+    with PrototypeStore.open(tmp_path / "s", "r+") as s:
+        s.scatter([0, 1, 2], v, normalised=True, step=1)  # stored as given: the caller knows the bits
+        np.testing.assert_array_equal(s.gather([0, 1, 2]), v)
+        with pytest.raises(ValueError, match="not unit vectors"):
+            s.scatter([0], np.full((1, 8), 3.0), normalised=True)
+        s.set_backbone_fingerprint("sha256:tuned")
+    with pytest.raises(IncompatibleArtifact, match="made by another backbone"):
+        PrototypeStore.open(tmp_path / "s", expect_backbone_fingerprint="sha256:abc")
+    with PrototypeStore.open(tmp_path / "s", expect_backbone_fingerprint="sha256:tuned") as s:
+        np.testing.assert_array_equal(s.gather([0, 1, 2]), v)
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["backbone_fingerprint"] == "sha256:tuned"
