@@ -1,0 +1,336 @@
+"""The candidate and dominant queues of every identity (``STORE/queues.h5``) and their update API.
+
+``build-index`` writes the file once; ``train-dp`` reads the queues to choose each step's classes
+and calls :meth:`Queues.promote` with what the step predicted. Format (HDF5, contiguous datasets):
+
+- ``candidates`` N×cq int32: each row's nearest other prototypes, best first, −1 padded; never
+  the row itself.
+- ``candidate_scores`` N×cq float32: their cosine similarities (NaN where padded).
+- ``dominant`` N×dq int32: the hardest negatives, initially the first dq candidates; −1 padded.
+- attrs: ``format``, ``num_rows``, ``candidates``, ``dominant``, ``embedding_size``,
+  ``backbone_fingerprint``, ``index`` (a JSON description of the search that made it).
+
+Crash safety: a new file is written under a temp name and renamed into place. Updates are kept in
+memory until :meth:`Queues.flush`, which first writes the changed rows' *final* values to a
+journal (``queues.h5.journal.npz``, atomically), then writes them into the file in place and
+removes the journal. Opening a file with a journal left by a crash replays it (replay is
+idempotent: it holds absolute values), so the file always reflects either the last flush or the
+one before it, never a half-written mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .artifacts import _fsync_dir, atomic_open
+from .errors import IncompatibleArtifact, LblError
+
+QUEUES = "queues.h5"
+FORMAT = "lblctl-queues-1"
+PAD = -1
+
+
+def journal_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".journal.npz")
+
+
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``ds[rows]`` for any order and repeats (h5py wants sorted unique indices)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size == 0:
+        return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    if uniq[0] < 0 or uniq[-1] >= ds.shape[0]:
+        raise IndexError(f"row out of range 0..{ds.shape[0] - 1}")
+    span = int(uniq[-1] - uniq[0] + 1)
+    if span <= 4 * len(uniq) + 256:  # dense enough: one contiguous read
+        block = ds[int(uniq[0]) : int(uniq[-1]) + 1]
+        data = block[uniq - uniq[0]]
+    else:
+        data = ds[uniq]
+    return data[inverse]
+
+
+class QueueWriter:
+    """Writes a new queue file batch by batch under a temp name; :meth:`commit` renames it in place."""
+
+    def __init__(self, path: str | os.PathLike, num_rows: int, cq: int, dq: int,
+                 attrs: dict[str, Any] | None = None) -> None:
+        if cq < 1 or dq < 0 or dq > cq:
+            raise LblError(f"queue sizes: need candidates ≥ 1 and 0 ≤ dominant ≤ candidates (got {cq}, {dq})")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.num_rows, self.cq, self.dq = int(num_rows), int(cq), int(dq)
+        self.h5 = h5py.File(self.tmp, "w", libver="earliest")
+        self.h5.attrs.update({"format": FORMAT, "num_rows": self.num_rows, "candidates": self.cq,
+                              "dominant": self.dq})
+        for key, value in (attrs or {}).items():
+            self.h5.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+        # contiguous, fully allocated: in-place row updates later never touch HDF5 metadata
+        kw: dict[str, Any] = {"track_times": False}
+        n, cq, dq = self.num_rows, self.cq, self.dq
+        self.candidates = self.h5.create_dataset("candidates", (n, cq), dtype=np.int32, **kw)
+        self.scores = self.h5.create_dataset("candidate_scores", (n, cq), dtype=np.float32, **kw)
+        self.dominant = self.h5.create_dataset("dominant", (n, dq), dtype=np.int32, **kw)
+        self.written = 0
+
+    def write(self, start: int, candidates: np.ndarray, scores: np.ndarray) -> None:
+        """Rows ``start:start+len(candidates)``; the dominant queue is their first dq candidates."""
+        stop = start + len(candidates)
+        self.candidates[start:stop] = candidates
+        self.scores[start:stop] = scores
+        self.dominant[start:stop] = candidates[:, : self.dq]
+        self.written += len(candidates)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.h5.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+
+    def commit(self) -> Path:
+        if self.written != self.num_rows:
+            self.abort()
+            raise RuntimeError(f"queue file incomplete: {self.written} of {self.num_rows} rows written")
+        self.h5.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        journal_path(self.path).unlink(missing_ok=True)  # a journal of an older file must not replay
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.h5.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> QueueWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Queues:
+    """An open queue file: read rows' queues, promote hard negatives, flush crash-safely."""
+
+    def __init__(self, path: Path, h5: h5py.File, mode: str) -> None:
+        self.path = path
+        self.h5 = h5
+        self.mode = mode
+        self._cand = h5["candidates"]
+        self._scores = h5["candidate_scores"]
+        self._dom = h5["dominant"]
+        self.num_rows = int(self._cand.shape[0])
+        self.cq = int(self._cand.shape[1])
+        self.dq = int(self._dom.shape[1])
+        self._dirty: dict[int, np.ndarray] = {}
+        self.promotions = 0
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, num_rows: int, cq: int, dq: int,
+               attrs: dict[str, Any] | None = None) -> QueueWriter:
+        return QueueWriter(path, num_rows, cq, dq, attrs)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, expect_rows: int | None = None,
+             expect_embedding_size: int | None = None,
+             expect_backbone_fingerprint: str | None = None) -> Queues:
+        """Open ``queues.h5`` (or a store folder holding one); refuse a file that does not fit."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / QUEUES
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
+        if not path.is_file():
+            raise LblError(f"{path}: no queue file; run `lblctl build-index --store {path.parent}` first")
+        if journal_path(path).is_file():
+            _replay_journal(path)
+        try:
+            h5 = h5py.File(path, mode)
+        except OSError as exc:
+            raise IncompatibleArtifact(f"{path}: not a readable HDF5 queue file ({exc}); "
+                                       "re-run build-index") from None
+        if h5.attrs.get("format") != FORMAT or not {"candidates", "candidate_scores", "dominant"} <= set(h5):
+            h5.close()
+            raise IncompatibleArtifact(f"{path}: not an lblctl queue file; re-run build-index")
+        q = cls(path, h5, mode)
+        meta = q.meta
+        if expect_rows is not None and q.num_rows != int(expect_rows):
+            q.close()
+            raise IncompatibleArtifact(f"{path}: queues for {meta['num_rows']} identities but the store has "
+                                       f"{expect_rows}; re-run build-index")
+        es, fp = meta.get("embedding_size"), meta.get("backbone_fingerprint")
+        if expect_embedding_size is not None and es is not None and int(es) != int(expect_embedding_size):
+            q.close()
+            raise IncompatibleArtifact(f"{path}: queues built for embedding size {es}, expected "
+                                       f"{expect_embedding_size}; re-run build-index")
+        if expect_backbone_fingerprint and fp and fp != expect_backbone_fingerprint:
+            q.close()
+            raise IncompatibleArtifact(f"{path}: queues built from another backbone's store; "
+                                       "re-run build-index")
+        return q
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.h5.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value[:1] in "{[":
+                with contextlib.suppress(json.JSONDecodeError):
+                    value = json.loads(value)
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+    # -- reading -------------------------------------------------------------------------------
+    def candidates(self, rows: np.ndarray) -> np.ndarray:
+        return _read_rows(self._cand, rows)
+
+    def candidate_scores(self, rows: np.ndarray) -> np.ndarray:
+        return _read_rows(self._scores, rows)
+
+    def dominant(self, rows: np.ndarray) -> np.ndarray:
+        """The rows' dominant queues, including promotions not yet flushed."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = _read_rows(self._dom, rows)
+        if self._dirty:
+            for i, r in enumerate(rows.tolist()):
+                if r in self._dirty:
+                    out[i] = self._dirty[r]
+        return out
+
+    def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(start, candidates, candidate_scores)`` in row order, a chunk at a time."""
+        for start in range(0, self.num_rows, chunk_rows):
+            stop = min(self.num_rows, start + chunk_rows)
+            yield start, self._cand[start:stop], self._scores[start:stop]
+
+    def all_dominant(self) -> np.ndarray:
+        """The whole dominant queue in RAM (N×dq int32: 80 bytes per identity at dq=20)."""
+        out = self._dom[:]
+        for r, q in self._dirty.items():
+            out[r] = q
+        return out
+
+    # -- updating ------------------------------------------------------------------------------
+    def promote(self, class_rows: np.ndarray, confused_rows: np.ndarray) -> int:
+        """For each pair, move ``confused`` to the front of ``class``'s dominant queue when it is in
+        that class's candidate queue (the seed's rule); the last entry drops out when it was not in
+        the dominant queue yet. Pairs apply in order; returns how many queues changed."""
+        if self.mode != "r+":
+            raise LblError(f"{self.path}: opened read-only; open with mode='r+' to update queues")
+        cls_rows = np.asarray(class_rows, dtype=np.int64).reshape(-1)
+        conf = np.asarray(confused_rows, dtype=np.int64).reshape(-1)
+        if cls_rows.shape != conf.shape:
+            raise ValueError("promote: class_rows and confused_rows differ in length")
+        keep = (conf != cls_rows) & (conf >= 0) & (cls_rows >= 0)
+        cls_rows, conf = cls_rows[keep], conf[keep]
+        if cls_rows.size == 0 or self.dq == 0:
+            return 0
+        if cls_rows.max() >= self.num_rows or conf.max() >= self.num_rows:
+            raise IndexError(f"promote: row out of range 0..{self.num_rows - 1}")
+        uniq = np.unique(cls_rows)
+        cands = _read_rows(self._cand, uniq)
+        in_cand = (cands[np.searchsorted(uniq, cls_rows)] == conf[:, None]).any(axis=1)
+        cls_rows, conf = cls_rows[in_cand], conf[in_cand]
+        if cls_rows.size == 0:
+            return 0
+        need = np.unique(cls_rows)
+        current = self.dominant(need)
+        queues = {int(r): current[i].copy() for i, r in enumerate(need.tolist())}
+        changed = 0
+        for c, x in zip(cls_rows.tolist(), conf.tolist(), strict=True):
+            q = queues[c]
+            if q[0] == x:
+                continue
+            hit = np.flatnonzero(q == x)
+            end = int(hit[0]) if hit.size else self.dq - 1  # shift entries before it (or all but the last)
+            q[1 : end + 1] = q[:end].copy()
+            q[0] = x
+            self._dirty[c] = q
+            changed += 1
+        self.promotions += changed
+        return changed
+
+    def restore(self, rows: np.ndarray, values: np.ndarray) -> int:
+        """Set rows' dominant queues to saved values (undo to a checkpoint) and flush; where a row
+        repeats, its first value wins (the oldest record is the checkpoint's state)."""
+        if self.mode != "r+":
+            raise LblError(f"{self.path}: opened read-only; open with mode='r+' to update queues")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        values = np.asarray(values, dtype=np.int32).reshape(len(rows), self.dq)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"restore: row out of range 0..{self.num_rows - 1}")
+        _, first = np.unique(rows, return_index=True)
+        for i in first.tolist():
+            self._dirty[int(rows[i])] = values[i].copy()
+        return self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Rows changed since the last flush."""
+        return len(self._dirty)
+
+    def flush(self) -> int:
+        """Make the promotions durable (journal first, then in place); returns the rows written."""
+        if not self._dirty:
+            return 0
+        rows = np.fromiter(sorted(self._dirty), dtype=np.int64, count=len(self._dirty))
+        values = np.stack([self._dirty[int(r)] for r in rows]).astype(np.int32)
+        jpath = journal_path(self.path)
+        with atomic_open(jpath, "wb") as fh:
+            np.savez(fh, rows=rows, dominant=values)
+        _write_rows(self._dom, rows, values)
+        self.h5.flush()
+        with open(self.path, "rb") as fh:
+            os.fsync(fh.fileno())
+        jpath.unlink(missing_ok=True)
+        self._dirty.clear()
+        return len(rows)
+
+    def close(self) -> None:
+        if self.h5.id.valid:
+            if self.mode == "r+":
+                self.flush()
+            self.h5.close()
+
+    def __enter__(self) -> Queues:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """Write sorted unique rows in runs of consecutive rows (few, large HDF5 writes)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run_rows, run_vals in zip(np.split(rows, breaks), np.split(values, breaks), strict=True):
+        ds[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_vals
+
+
+def _replay_journal(path: Path) -> None:
+    jpath = journal_path(path)
+    try:
+        with np.load(jpath) as z:
+            rows, values = z["rows"], z["dominant"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise IncompatibleArtifact(f"{jpath}: unreadable queue journal ({exc}); delete it to keep the "
+                                   "queues as last flushed") from None
+    with h5py.File(path, "r+") as h5:
+        _write_rows(h5["dominant"], rows, values)
+        h5.flush()
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    jpath.unlink()
