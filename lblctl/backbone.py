@@ -114,3 +114,16 @@ def load_backbone(path: str | os.PathLike, device: torch.device | str = "cpu",
     model.to(device).eval()
     return Backbone(model, state["arch"], int(state["embedding_size"]), pre, fingerprint_file(p), p, device,
                     {"arch_kwargs": state["arch_kwargs"], "extra": state.get("extra", {})})
+
+
+def open_backbone(path: str | os.PathLike, device: torch.device | str = "cpu",
+                  expect_embedding_size: int | None = None) -> Any:
+    """``--backbone`` as given: an ONNX model (``*.onnx``) or an lblctl ``backbone.pt`` / run folder.
+
+    Both kinds have ``embed(images, flip)``, ``preprocess``, ``embedding_size`` and ``fingerprint``.
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnx_backbone import load_onnx_backbone
+
+        return load_onnx_backbone(path, device, expect_embedding_size)
+    return load_backbone(path, device, expect_embedding_size)
