@@ -8,6 +8,7 @@ file listed in the manifest is missing, truncated or changed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -46,10 +47,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -153,10 +152,8 @@ def describe_input(path: str | os.PathLike) -> dict[str, Any]:
         entry["fingerprint"] = fingerprint_file(path)
     elif (path / MANIFEST).is_file():
         entry["fingerprint"] = fingerprint_file(path / MANIFEST)
-        try:
+        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
             entry["kind"] = json.loads((path / MANIFEST).read_text()).get("kind")
-        except (OSError, json.JSONDecodeError):
-            pass
     return entry
 
 
@@ -178,7 +175,7 @@ def read_manifest(
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IncompatibleArtifact(f"{mpath}: unreadable manifest ({exc}); re-run the stage that made it")
+        raise IncompatibleArtifact(f"{mpath}: unreadable manifest ({exc}); re-run the stage that made it") from None
     if not isinstance(manifest, dict) or "kind" not in manifest:
         raise IncompatibleArtifact(f"{mpath}: not an lblctl manifest (no 'kind')")
     if kind is not None:

@@ -12,7 +12,14 @@ from .errors import LblError
 
 # (module in lblctl.commands, command name); a stage is listed here once it works.
 STAGES = [
+    ("align", "align"),
     ("pretrain", "pretrain"),
+    ("imprint", "imprint"),
+    ("build_index", "build-index"),
+    ("train_dp", "train-dp"),
+    ("eval", "eval"),
+    ("verify_pair", "verify-pair"),
+    ("export", "export"),
 ]
 
 app = typer.Typer(
@@ -23,7 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         ui.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        ui.console.print("[red]error:[/red] interrupted; re-run with --resume to continue where it stopped")
+        ui.console.print("[red]error:[/red] interrupted; run the same command again (training stages: add "
+                         "--resume) to continue where it stopped")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

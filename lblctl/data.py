@@ -288,7 +288,8 @@ def open_face_set(data: str | os.PathLike, *, min_images: int = 1) -> FaceIndex:
     return index
 
 
-def split_identities(index: FaceIndex, fraction: float, seed: int, min_images: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def split_identities(index: FaceIndex, fraction: float, seed: int,
+                     min_images: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Split identity rows into (train, held-out); held-out ones have ≥ ``min_images`` photos."""
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(index.counts() >= min_images)

@@ -116,6 +116,10 @@ class Trainer:
         self.epoch = 0
         self.epoch_batch = 0  # batches of the current epoch already consumed
         self.extra_state: dict[str, Any] = {}
+        # hooks for state that lives outside the modules (train-dp's store and queues): called
+        # right before a checkpoint is written (make it durable) and right after (with its step)
+        self.before_checkpoint: Callable[[], None] | None = None
+        self.after_checkpoint: Callable[[int], None] | None = None
         self._set_lr()
 
     # ------------------------------------------------------------------ pieces
@@ -179,10 +183,14 @@ class Trainer:
         self._set_lr()
 
     def save_checkpoint(self) -> Path:
+        if self.before_checkpoint is not None:
+            self.before_checkpoint()
         folder = self.out_dir / CHECKPOINT_DIR
         path = folder / f"step_{self.step:08d}.pt"
         with atomic_open(path, "wb") as fh:
             torch.save(self.state_dict(), fh)
+        if self.after_checkpoint is not None:
+            self.after_checkpoint(self.step)
         for old in sorted(folder.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path

@@ -1,0 +1,311 @@
+"""train-dp benchmarks: memory vs N (head-only), store-traffic overhead, accuracy on real faces.
+
+    python bench/dp_bench.py --part memory --sizes 10000,100000,1000000
+    python bench/dp_bench.py --part overhead --n 1000000
+    python bench/dp_bench.py --part accuracy
+    python bench/dp_bench.py --quick            # all three, small
+
+Results: bench/results/dp_bench.json and .md (merged per part, with the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, anon_rss_mib, machine, peak_rss_mib, write_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LBLCTL_SHARED", REPO.parent / "shared"))
+LFW = SHARED / "data" / "lfw"
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.standard_normal((n, d), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def make_synthetic_store(folder: Path, n: int, d: int, dtype: str, names: list[str] | None = None,
+                         cq: int = 8, dq: int = 4, seed: int = 0, backbone_fingerprint: str | None = None) -> None:
+    """A store of N random unit rows (+ momentum) and random candidate queues, written in chunks."""
+    from lblctl.queues import Queues
+    from lblctl.store import PrototypeStore
+    from lblctl.strings import StringArray
+
+    rng = np.random.default_rng(seed)
+    given = names or []
+    all_names = StringArray.from_iter(given[i] if i < len(given) else f"synthetic_{i:08d}" for i in range(n))
+    store = PrototypeStore.create(folder, d, all_names, dtype=dtype, momentum=True,
+                                  backbone_fingerprint=backbone_fingerprint)
+    chunk = 200_000
+    for start in range(0, n, chunk):
+        store.fill(start, _unit(rng, min(chunk, n - start), d))
+    store.close()
+    w = Queues.create(folder / "queues.h5", n, cq, dq)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        rows = np.arange(start, start + m)[:, None]
+        cand = (rows + rng.integers(1, n, size=(m, cq))) % n
+        w.write(start, cand.astype(np.int32), np.zeros((m, cq), np.float32))
+    w.commit()
+
+
+# ----------------------------------------------------------------------------- memory (head-only)
+
+
+def memory_child(n: int, d: int, k: int, steps: int, work: Path) -> dict:
+    import h5py
+    import torch
+
+    from lblctl.engine import TrainConfig
+    from lblctl.train_dp import TrainDPConfig, train_dp
+
+    t0 = time.perf_counter()
+    dtype = "float16" if n >= 5_000_000 else "float32"
+    make_synthetic_store(work / "store", n, d, dtype)
+    feat_ids = min(n, 20_000)  # photos (features) only for some identities: the store is what scales
+    rng = np.random.default_rng(1)
+    with h5py.File(work / "feats.h5", "w") as f:
+        f["features"] = _unit(rng, 2 * feat_ids, d)
+        f["identities"] = np.array([f"synthetic_{i // 2:08d}" for i in range(2 * feat_ids)], dtype=object
+                                   ).astype(h5py.string_dtype())
+    build_s = time.perf_counter() - t0
+    rss_before = anon_rss_mib()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cfg = TrainDPConfig(store=work / "store", out=work / "run", features=work / "feats.h5", classes=k,
+                        sampled=k // 4, photos_per_class=2, workers=1,
+                        train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
+                                          log_every=max(1, steps // 4), checkpoint_every=0, seed=0))
+    s = train_dp(cfg, device)
+    return {
+        "n": n, "d": d, "k": k, "dtype": dtype, "steps": steps, "build_s": round(build_s, 1),
+        "seconds_per_step": s["seconds"] / max(1, s["steps_this_run"]),
+        "anon_rss_mib_before_training": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "cuda_peak_mib": (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+        "store_bytes": sum(p.stat().st_size for p in (work / "store").iterdir()), "device": str(device),
+    }
+
+
+def run_memory(sizes: list[int], d: int, k: int, steps: int, scratch: Path) -> list[dict]:
+    rows = []
+    for n in sizes:
+        work = scratch / f"mem_{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        out = subprocess.run([sys.executable, __file__, "--child-memory", str(n), "--d", str(d), "--k", str(k),
+                              "--steps", str(steps), "--scratch", str(work)], capture_output=True, text=True)
+        shutil.rmtree(work, ignore_errors=True)
+        if out.returncode != 0:
+            rows.append({"n": n, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- overhead (real backbone)
+
+
+def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int) -> dict:
+    import torch
+
+    from lblctl.backbone import save_backbone
+    from lblctl.data import Preprocess, open_face_set
+    from lblctl.engine import TrainConfig
+    from lblctl.models import create_backbone
+    from lblctl.train_dp import TrainDPConfig, train_dp
+
+    faces = REPO / "examples" / "data" / "faces"
+    index = open_face_set(faces)
+    torch.manual_seed(0)
+    model = create_backbone("small_cnn", 512, 64)
+    save_backbone(scratch / "bb" / "backbone.pt", model, arch="small_cnn", embedding_size=512,
+                  preprocess=Preprocess(64, 0.6), arch_kwargs={})
+    base = scratch / "store_base"
+    from lblctl.backbone import load_backbone
+
+    fp = load_backbone(scratch / "bb").fingerprint
+    make_synthetic_store(base, n, 512, "float32", names=list(index.names), backbone_fingerprint=fp)
+    out: dict = {"n": n, "k": k, "batch_images": batch, "steps": steps, "backbone": "small_cnn 64 px, 512-d"}
+    for overlap in (True, False):
+        store = scratch / f"store_{overlap}"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(base, store)
+        cfg = TrainDPConfig(store=store, out=scratch / f"run_{overlap}", data=faces, backbone=scratch / "bb",
+                            classes=k, sampled=16, photos_per_class=2, batch_size=batch, workers=1,
+                            overlap=overlap, freeze_backbone=False,
+                            train=TrainConfig(steps=steps, lr=0.01, schedule="constant", log_every=steps,
+                                              checkpoint_every=0, seed=0))
+        s = train_dp(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        total, wait = s["seconds"], s["wait_for_data_s"]
+        out["overlap" if overlap else "serial"] = {
+            "seconds_per_step": total / steps, "wait_for_data_s_per_step": wait / steps,
+            "overhead_vs_resident": wait / max(1e-9, total - wait)}
+        shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- accuracy (seed protocol)
+
+
+def _cli(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "lblctl.cli", *args, "--json", "--quiet", "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:1])} failed: {res.stderr.strip()[-500:]}")
+    return json.loads(res.stdout)
+
+
+def _top1(backbone_path: Path, store_dir: Path, probes: list[tuple[str, str]]) -> tuple[float, float]:
+    import faiss
+
+    from lblctl.backbone import load_backbone
+    from lblctl.embed import embed_paths
+    from lblctl.store import PrototypeStore
+
+    bb = load_backbone(backbone_path)
+    emb = embed_paths(bb, [p for _, p in probes], batch_size=128)
+    with PrototypeStore.open(store_dir) as s:
+        protos = np.concatenate([c for _, c in s.iter_chunks()])
+        names = list(s.names)
+    index = faiss.IndexFlatIP(protos.shape[1])
+    index.add(protos)
+    _, ids = index.search(emb.vectors, 5)
+    truth = np.array([names.index(n) for n, _ in probes])
+    return float((ids[:, 0] == truth).mean()), float((ids == truth[:, None]).any(1).mean())
+
+
+def run_accuracy(scratch: Path, dp_ids: int, pre_epochs: int, dp_steps: int, k: int, s_: int) -> dict:
+    names = sorted(os.listdir(LFW))
+    rich = [n for n in names if len(os.listdir(LFW / n)) >= 4]
+    rng = np.random.default_rng(0)
+    dp_names = sorted(rng.choice(rich, min(dp_ids, len(rich) // 2), replace=False).tolist())
+    pre = scratch / "pretrain_faces"
+    dp = scratch / "dp_faces"
+    probes: list[tuple[str, str]] = []
+    for n in names:
+        files = sorted(os.listdir(LFW / n))
+        if n in dp_names:  # ID photo + 2 training spot photos; one more spot photo held out as the probe
+            (dp / n).mkdir(parents=True, exist_ok=True)
+            for f in files[:3]:
+                os.symlink(LFW / n / f, dp / n / f)
+            probes.append((n, str(LFW / n / files[3])))
+        else:
+            (pre / n).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.symlink(LFW / n / f, pre / n / f)
+    t0 = time.perf_counter()
+    p = _cli("pretrain", "--data", str(pre), "--out", str(scratch / "run"), "--input-size", "48",
+             "--center-crop", "0.6", "--embedding-size", "128", "--epochs", str(pre_epochs), "--batch-size", "128",
+             "--warmup-steps", "20", "--workers", "1")
+    _cli("imprint", "--data", str(dp), "--backbone", str(scratch / "run"), "--out", str(scratch / "store"),
+         "--photos", "id")
+    _cli("build-index", "--store", str(scratch / "store"), "--candidates", "50", "--dominant", "20")
+    out: dict = {"pretrain_identities": len(os.listdir(pre)), "pretrain_val_accuracy": p.get("val_accuracy"),
+                 "dp_identities": len(dp_names), "probes": len(probes), "k": k, "sampled": s_, "steps": dp_steps,
+                 "batch": "K classes × 2 photos (ID + spot)"}
+    top1, top5 = _top1(scratch / "run", scratch / "store", probes)
+    out["imprint_only"] = {"top1": top1, "top5": top5}
+    for head in ("dp", "random", "full"):
+        args = ["train-dp", "--data", str(dp), "--backbone", str(scratch / "run"), "--store", str(scratch / "store"),
+                "--out-store", str(scratch / f"store_{head}"), "--out", str(scratch / f"run_{head}"),
+                "--head", head, "--classes", str(k), "--sampled", str(s_), "--steps", str(dp_steps),
+                "--lr", "0.01", "--head-lr", "0.5", "--checkpoint-every", "0", "--workers", "1"]
+        if head == "full":
+            args += ["--batch-size", str(2 * k)]  # the same number of photos per step as dp/random
+        r = _cli(*args)
+        top1, top5 = _top1(scratch / f"run_{head}", scratch / f"store_{head}", probes)
+        out[head] = {"top1": top1, "top5": top5, "final_loss": r.get("final_loss"),
+                     "queue_changes": r.get("queue_changes"), "seconds": r.get("seconds")}
+    out["seconds_total"] = time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="all", choices=["all", "memory", "overhead", "accuracy"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--n", type=int, default=1_000_000, help="identities for the overhead part")
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--scratch", default=None)
+    ap.add_argument("--child-memory", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_memory:
+        print(json.dumps(memory_child(args.child_memory, args.d, args.k, args.steps, Path(args.scratch))))
+        return
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dp_bench_", dir=os.environ.get("TMPDIR", "/tmp")))
+    previous = {}
+    if (RESULTS / "dp_bench.json").exists():
+        previous = json.loads((RESULTS / "dp_bench.json").read_text())
+    results = {k: previous[k] for k in ("memory", "overhead", "accuracy") if k in previous}
+    parts = ["memory", "overhead", "accuracy"] if args.part == "all" else [args.part]
+    try:
+        if "memory" in parts:
+            sizes = [1000, 10000] if args.quick else [int(x) for x in args.sizes.split(",")]
+            results["memory"] = run_memory(sizes, args.d, 256 if args.quick else args.k,
+                                           5 if args.quick else args.steps, scratch)
+        if "overhead" in parts:
+            (scratch / "oh").mkdir(exist_ok=True)
+            results["overhead"] = run_overhead(10_000 if args.quick else args.n, 5 if args.quick else args.steps,
+                                               scratch / "oh", 128 if args.quick else args.k,
+                                               32 if args.quick else 128)
+        if "accuracy" in parts:
+            (scratch / "acc").mkdir(exist_ok=True)
+            results["accuracy"] = (run_accuracy(scratch / "acc", 60, 1, 10, 32, 8) if args.quick
+                                   else run_accuracy(scratch / "acc", 300, 6, 300, 128, 32))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    md = []
+    if "memory" in results:
+        md += ["## Memory vs N (head-only, K classes per step)", "",
+               "| N | dtype | s/step | anon RSS MiB (after) | peak RSS MiB | CUDA peak MiB | store bytes |",
+               "|---|---|---|---|---|---|---|"]
+        for r in results["memory"]:
+            if "error" in r:
+                md.append(f"| {r['n']:,} | error: {r['error']} | | | | | |")
+                continue
+            md.append(f"| {r['n']:,} | {r['dtype']} | {r['seconds_per_step']:.3f} | {r['anon_rss_mib_after']} | "
+                      f"{r['peak_rss_mib']} | {r['cuda_peak_mib'] or '–'} | {r['store_bytes']:,} |")
+    if "overhead" in results:
+        o = results["overhead"]
+        md += ["", f"## Store-traffic overhead (N = {o['n']:,}, K = {o['k']}, {o['batch_images']} images/step, "
+               f"{o['backbone']})", "", "| pipeline | s/step | waiting for data s/step | overhead vs resident |",
+               "|---|---|---|---|"]
+        for key in ("overlap", "serial"):
+            v = o[key]
+            md.append(f"| {key} | {v['seconds_per_step']:.3f} | {v['wait_for_data_s_per_step']:.4f} | "
+                      f"{100 * v['overhead_vs_resident']:.1f} % |")
+    if "accuracy" in results:
+        a = results["accuracy"]
+        md += ["", f"## Accuracy: closed-set top-1 of held-out spot photos vs all {a['dp_identities']} prototypes",
+               "", f"Backbone pretrained on {a['pretrain_identities']} other LFW identities (held-out val accuracy "
+               f"{a['pretrain_val_accuracy']}); K = {a['k']}, S = {a['sampled']}, {a['steps']} steps each.", "",
+               "| prototypes | top-1 | top-5 |", "|---|---|---|"]
+        for key in ("imprint_only", "dp", "random", "full"):
+            md.append(f"| {key} | {a[key]['top1']:.3f} | {a[key]['top5']:.3f} |")
+    write_results("dp_bench", {**results, "machine_at_run": machine()}, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Fine-tune a backbone and the prototype store with dominant-prototype softmax (DP-softmax).
+
+Each step samples S identities, adds identities from their dominant queues until K classes are
+chosen, gathers only those K prototypes from the store onto the device, trains a margin softmax
+over them on ID and spot photos of those classes, writes the K rows back and updates the queues.
+GPU memory does not grow with the number of identities.
+
+Reads DATA (identity folders), BACKBONE (RUN/backbone.pt) and STORE (after imprint and
+build-index); writes OUT/backbone.pt, OUT/checkpoints/, OUT/log.jsonl, OUT/manifest.json and
+updates the store and its queues in place (or in a copy: --out-store).
+
+Example (CPU, on the demo faces, after imprint + build-index):
+
+    lblctl train-dp --data examples/data/faces --backbone run/backbone.pt --store store --out run2 \
+        --classes 32 --sampled 8 --steps 50
+
+Head-only training over precomputed embeddings (no images, no backbone):
+
+    lblctl train-dp --features feats.h5 --store store --out run2 --classes 1024 --sampled 256 --steps 1000
+
+Baselines in the same engine: --head random (Partial-FC-style random negatives) and --head full
+(all N prototypes on the device). A killed run continues with the same command plus --resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lblctl.engine import TrainConfig
+from lblctl.runtime import default_workers
+from lblctl.train_dp import TrainDPConfig, train_dp
+
+from ._common import Debug, Device, Json, Quiet, Seed, finish, start
+
+SHORT_HELP = "DP-softmax: train over millions of identities with K prototypes on the device."
+
+Opt = typer.Option
+
+
+def main(
+    store: Annotated[Path, Opt("--store", help="Prototype store folder (imprint + build-index).")],
+    out: Annotated[Path, Opt("--out", help="Run folder to write (backbone.pt, checkpoints, log).")],
+    data: Annotated[Path | None, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")] = None,
+    backbone: Annotated[Path | None, Opt("--backbone", help="RUN/backbone.pt (or the RUN folder).")] = None,
+    features: Annotated[Path | None, Opt("--features", help="Head-only: HDF5 features M×D + identities M.")] = None,
+    out_store: Annotated[Path | None, Opt("--out-store", help="Train a copy of the store here.")] = None,
+    head: Annotated[str, Opt(help="dp (dominant prototypes), random (Partial-FC-style) or full (all N).")] = "dp",
+    classes: Annotated[int, Opt("--classes", "-K", help="K: classes (prototypes on the device) per step.")] = 256,
+    sampled: Annotated[int, Opt("--sampled", "-S", help="S: identities sampled per step (rest: queues).")] = 64,
+    photos_per_class: Annotated[int, Opt(help="Photos per class in the batch (ID photo first, then spot).")] = 2,
+    batch_size: Annotated[int, Opt(help="Images per step (0 = K × photos-per-class).")] = 0,
+    loss: Annotated[str, Opt(help="cosface (AM-softmax) or arcface.")] = "cosface",
+    scale: Annotated[float, Opt("--scale", "-s", help="Margin-softmax scale s.")] = 24.0,
+    margin: Annotated[float, Opt("--margin", "-m", help="Margin m.")] = 0.2,
+    lr: Annotated[float, Opt(help="Backbone learning rate.")] = 0.01,
+    head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
+    freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
+    projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
+    steps: Annotated[int, Opt(help="Optimisation steps (when --epochs is 0).")] = 1000,
+    epochs: Annotated[int, Opt(help="Epochs: each trainable identity sampled once per epoch.")] = 0,
+    weight_decay: Annotated[float, Opt(help="Backbone weight decay.")] = 5e-4,
+    schedule: Annotated[str, Opt(help="cosine, step or constant.")] = "cosine",
+    warmup_steps: Annotated[int, Opt(help="Linear LR warm-up steps.")] = 0,
+    grad_clip: Annotated[float, Opt(help="Max gradient norm (0 = off).")] = 5.0,
+    amp: Annotated[str, Opt(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")] = "auto",
+    checkpoint_every: Annotated[int, Opt(help="Checkpoint every N steps (0 = at the end only).")] = 100,
+    log_every: Annotated[int, Opt(help="Write log.jsonl every N steps.")] = 10,
+    workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
+    resume: Annotated[bool, Opt("--resume", help="Continue from OUT's newest checkpoint.")] = False,
+    device: Device = "auto",
+    seed: Seed = 0,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    dev = start(device, seed, quiet)
+    cfg = TrainDPConfig(
+        store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
+        classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
+        loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
+        projection=projection, epochs=epochs or None, workers=max(1, default_workers()) if workers < 0 else workers,
+        resume=resume,
+        train=TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
+                          warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
+                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed),
+    )
+    finish(train_dp(cfg, dev), "train-dp", json_out)
