@@ -45,6 +45,8 @@ def main(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
     dtype: Annotated[str, typer.Option(help="Row type in the store: float32 or float16 (half the disk).")]
     = "float32",
+    momentum: Annotated[bool, typer.Option("--momentum/--no-momentum", help="Keep per-identity SGD momentum "
+                                           "beside the prototypes for train-dp (doubles the store).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted imprint in OUT.")] = False,
     device: Device = "auto",
     seed: Seed = 0,
@@ -55,5 +57,5 @@ def main(
     dev = start(device, seed, quiet)
     cfg = ImprintConfig(out=out, data=data, backbone=backbone, features=features, photos=photos, flip=flip,
                         batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
-                        dtype=dtype, resume=resume)
+                        dtype=dtype, momentum=momentum, resume=resume)
     finish(imprint(cfg, dev), "imprint", json_out)

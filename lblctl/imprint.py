@@ -26,7 +26,7 @@ import torch
 
 from . import ui
 from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
-from .backbone import Backbone, load_backbone
+from .backbone import Backbone, load_backbone, open_backbone
 from .data import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
 from .errors import LblError
 from .store import DTYPES, FILENAME, PrototypeStore
@@ -49,6 +49,7 @@ class ImprintConfig:
     batch_size: int = 64
     workers: int = 0
     dtype: str = "float32"
+    momentum: bool = True  # keep per-row SGD momentum beside the prototypes for train-dp (Partial FC does)
     resume: bool = False
     checkpoint_identities: int = 4096
 
@@ -78,7 +79,7 @@ def imprint(cfg: ImprintConfig, device: torch.device | str = "cpu",
     if cfg.batch_size < 1:
         raise LblError(f"--batch-size {cfg.batch_size}: must be at least 1")
     _check_out(cfg)
-    backbone = load_backbone(cfg.backbone, device)
+    backbone = open_backbone(cfg.backbone, device)  # an lblctl backbone or an ONNX recognition model
     index = open_face_set(cfg.data)
     return _imprint_photos(cfg, backbone, index, on_checkpoint)
 
@@ -246,7 +247,7 @@ def _finalise(cfg: ImprintConfig, index: FaceIndex, stage: _Staging, backbone: B
               "arch": backbone.arch, "preprocess": backbone.preprocess.as_dict()}
     inputs = {"data": describe_input(cfg.data), "backbone": describe_input(backbone.path)}
     with PrototypeStore.create(out, dim, names.build(), cfg.dtype, backbone.fingerprint,
-                               id_photos=photos.build(),
+                               id_photos=photos.build(), momentum=cfg.momentum,
                                params=params, inputs=inputs, cache="mmap", overwrite=True) as store:
         for a in range(0, len(good), _COPY_ROWS):
             sel = good[a:a + _COPY_ROWS]
@@ -283,7 +284,7 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
         m, dim = feats.shape
         fp = None
         if cfg.backbone is not None:
-            bb = load_backbone(cfg.backbone, "cpu")
+            bb = open_backbone(cfg.backbone, "cpu")
             if bb.embedding_size != dim:
                 raise LblError(f"--features {path}: {dim}-d features but --backbone {cfg.backbone} makes "
                                f"{bb.embedding_size}-d embeddings")
@@ -348,7 +349,7 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
     if cfg.backbone is not None:
         inputs["backbone"] = describe_input(cfg.backbone)
     with PrototypeStore.create(out, dim, names.build(), cfg.dtype, fp, params=params, inputs=inputs,
-                               cache="mmap", overwrite=True) as store:
+                               momentum=cfg.momentum, cache="mmap", overwrite=True) as store:
         for a in range(0, len(good), _COPY_ROWS):
             sel = good[a:a + _COPY_ROWS]
             store.fill(a, np.asarray(sums[sel]))

@@ -191,3 +191,19 @@ def test_cli_imprint_end_to_end(lfw_slice: Path, backbone_pt: Path, tmp_path: Pa
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
     assert "already holds a finished store" in err
+
+
+def test_imprint_from_an_onnx_backbone_matches_and_keeps_momentum(lfw_slice: Path, backbone_pt: Path,
+                                                                  tmp_path: Path) -> None:
+    from lblctl.export import export_onnx
+
+    export_onnx(backbone_pt, tmp_path / "model.onnx")
+    imprint(ImprintConfig(out=tmp_path / "a", data=lfw_slice, backbone=backbone_pt, batch_size=8))
+    imprint(ImprintConfig(out=tmp_path / "b", data=lfw_slice, backbone=tmp_path / "model.onnx", batch_size=8))
+    with PrototypeStore.open(tmp_path / "a") as a, PrototypeStore.open(tmp_path / "b") as b:
+        rows = np.arange(a.num_rows)
+        np.testing.assert_allclose(a.gather(rows), b.gather(rows), atol=1e-4)
+        assert a.has_momentum and not a.gather_momentum(rows).any()  # train-dp's per-class momentum, zero at start
+    imprint(ImprintConfig(out=tmp_path / "c", data=lfw_slice, backbone=backbone_pt, momentum=False))
+    with PrototypeStore.open(tmp_path / "c") as c:
+        assert not c.has_momentum
