@@ -26,7 +26,7 @@ import torch
 
 from . import ui
 from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
-from .backbone import Backbone, load_backbone, open_backbone
+from .backbone import Backbone, open_backbone
 from .data import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
 from .errors import LblError
 from .store import DTYPES, FILENAME, PrototypeStore
