@@ -32,7 +32,7 @@ def test_chain_align_to_verify(tmp_path: Path) -> None:
     w = tmp_path
     lblctl("align", "--data", str(raw), "--out", str(w / "aligned"), "--detector", "yunet",
            "--model", str(REPO / "examples" / "models" / "yunet.onnx"))
-    rows = list(csv.DictReader(open(w / "aligned" / "faces.csv")))
+    rows = list(csv.DictReader((w / "aligned" / "faces.csv").read_text().splitlines()))
     names = sorted({r["identity"] for r in rows})
     pre, dp = names[:10], names[10:]
     for fname, keep in (("pre.csv", pre), ("dp.csv", dp)):
@@ -84,5 +84,5 @@ def test_chain_align_to_verify(tmp_path: Path) -> None:
     assert fingerprint_file(w / "store" / "manifest.json") != store_before_dp
     came_from(manifest(w / "report"), "backbone", w / "run2" / "backbone.pt")
     assert manifest(w / "store")["backbone_fingerprint"] == run2["backbone_fingerprint"]  # store follows train-dp
-    scores = list(csv.DictReader(open(w / "scores.csv")))
+    scores = list(csv.DictReader((w / "scores.csv").read_text().splitlines()))
     assert len(scores) == len(dp) ** 2 and all(r["error"] == "" for r in scores)
