@@ -26,7 +26,17 @@ import numpy as np
 
 from . import __version__, ui
 from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_file, describe_input, read_manifest
-from .data import FALSE_WORDS, TRUE_WORDS, ImageProblem, PathDataset, Preprocess, Problem, load_rgb_array, make_loader
+from .data import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    ImageProblem,
+    PairsFile,
+    PathDataset,
+    Preprocess,
+    Problem,
+    load_rgb_array,
+    make_loader,
+)
 from .errors import IncompatibleArtifact, LblError
 from .metrics import far_key
 
@@ -283,31 +293,18 @@ class VerifyResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-class PairStream:
-    """The pairs CSV as chunks of rows, each parsed leniently (problems go to the row's error)."""
+class PairStream(PairsFile):
+    """The pairs CSV as chunks of rows, each parsed leniently (problems go to the row's error):
+    the header checks and path resolution are :class:`lblctl.data.PairsFile`'s."""
 
     def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
-        self.path = Path(csv_path)
-        if not self.path.is_file():
-            raise LblError(f"--pairs {self.path}: no such file")
-        self.root = Path(root) if root is not None else self.path.parent
-        with open(self.path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-        if not header:
-            raise LblError(f"--pairs {self.path}: empty file; expected a header id_image,spot_image[,same]")
-        self.header = [h.strip() for h in header]
-        missing = {"id_image", "spot_image"} - set(self.header)
-        if missing:
-            raise LblError(f"--pairs {self.path}: header lacks {', '.join(sorted(missing))}; "
-                           f"expected id_image,spot_image[,same], found {','.join(self.header)}")
+        super().__init__(csv_path, root)
+        self.header = self.fieldnames
         self.col = {c: self.header.index(c) for c in ("id_image", "spot_image", "same") if c in self.header}
         self.has_same = "same" in self.col
         # output: the input columns (less any old score/same_pred/error) + ours
         self.keep = [i for i, c in enumerate(self.header) if c not in ADDED_COLUMNS]
         self.out_header = [self.header[i] for i in self.keep] + list(ADDED_COLUMNS)
-
-    def _resolve(self, p: str) -> str:
-        return p if os.path.isabs(p) else str(self.root / p)
 
     def _parse(self, values: list[str]) -> _Row:
         n = len(self.header)
@@ -320,7 +317,7 @@ class PairStream:
         if not id_img or not spot_img:
             row.error = "empty id_image" if not id_img else "empty spot_image"
             return row
-        row.id_path, row.spot_path = self._resolve(id_img), self._resolve(spot_img)
+        row.id_path, row.spot_path = self.resolve(id_img), self.resolve(spot_img)
         if self.has_same:
             v = row.values[self.col["same"]].strip().lower()
             if v in TRUE_WORDS:
