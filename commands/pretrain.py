@@ -6,15 +6,12 @@ OUT/manifest.json. A held-out set of identities gives a verification accuracy af
 
 Example (CPU, a few minutes, on the shipped demo faces):
 
-    lblctl pretrain --data examples/data/faces --out run --arch small_cnn --input-size 48 \\
-        --center-crop 0.6 --epochs 3
+    lblctl pretrain --data examples/data/faces --out run --arch small_cnn --input-size 48 --center-crop 0.6 --epochs 3
 
 Other losses (ArcFace; triplet and pair need P identities × K photos per batch):
 
-    lblctl pretrain --data examples/data/faces --out run-arc --input-size 48 --center-crop 0.6 \\
-        --epochs 3 --loss arcface -s 32 -m 0.5
-    lblctl pretrain --data examples/data/faces --out run-tri --input-size 48 --center-crop 0.6 \\
-        --epochs 3 --loss triplet --pk-identities 16 --pk-images 4
+    lblctl pretrain --data examples/data/faces --out run-arc --input-size 48 --center-crop 0.6 --epochs 3 --loss arcface -s 32 -m 0.5
+    lblctl pretrain --data examples/data/faces --out run-tri --input-size 48 --center-crop 0.6 --epochs 3 --loss triplet --pk-identities 16 --pk-images 4
 
 Continue a killed run with the same command plus --resume.
 """

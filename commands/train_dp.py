@@ -11,8 +11,7 @@ updates the store and its queues in place (or in a copy: --out-store).
 
 Example (CPU, on the demo faces, after imprint + build-index):
 
-    lblctl train-dp --data examples/data/faces --backbone run/backbone.pt --store store --out run2 \
-        --classes 32 --sampled 8 --steps 50
+    lblctl train-dp --data examples/data/faces --backbone run/backbone.pt --store store --out run2 --classes 32 --sampled 8 --steps 50
 
 Head-only training over precomputed embeddings (no images, no backbone):
 
