@@ -238,6 +238,41 @@ def run_accuracy(scratch: Path, dp_ids: int, pre_epochs: int, dp_steps: int, k: 
 # ----------------------------------------------------------------------------- main
 
 
+def render(results: dict) -> str:
+    """The Markdown tables of whatever parts the results hold."""
+    md = []
+    if "memory" in results:
+        md += ["## Memory vs N (head-only, K classes per step)", "",
+               "| N | dtype | s/step | anon RSS MiB (after) | peak RSS MiB | CUDA peak MiB | store bytes |",
+               "|---|---|---|---|---|---|---|"]
+        for r in results["memory"]:
+            if "error" in r:
+                md.append(f"| {r['n']:,} | error: {r['error']} | | | | | |")
+                continue
+            md.append(f"| {r['n']:,} | {r['dtype']} | {r['seconds_per_step']:.3f} | {r['anon_rss_mib_after']} | "
+                      f"{r['peak_rss_mib']} | {r['cuda_peak_mib'] or '–'} | {r['store_bytes']:,} |")
+    if "overhead" in results:
+        o = results["overhead"]
+        md += ["", f"## Store-traffic overhead (N = {o['n']:,}, K = {o['k']}, {o['batch_images']} images/step, "
+               f"{o['backbone']})", "", "| pipeline | s/step | waiting for data s/step | overhead vs resident |",
+               "|---|---|---|---|"]
+        for key in ("overlap", "serial"):
+            v = o[key]
+            md.append(f"| {key} | {v['seconds_per_step']:.3f} | {v['wait_for_data_s_per_step']:.4f} | "
+                      f"{100 * v['overhead_vs_resident']:.1f} % |")
+    if "accuracy" in results:
+        a = results["accuracy"]
+        md += ["", f"## Accuracy: closed-set top-1 of held-out spot photos vs all {a['dp_identities']} prototypes",
+               "", f"Backbone pretrained on {a['pretrain_identities']} other LFW identities (held-out val accuracy "
+               f"{a['pretrain_val_accuracy']}); K = {a['k']}, S = {a['sampled']}, {a['steps']} steps each.", "",
+               "| prototypes | top-1 | top-5 |", "|---|---|---|"]
+        for key in ("imprint_only", "dp", "random", "full"):
+            md.append(f"| {key} | {a[key]['top1']:.3f} | {a[key]['top5']:.3f} |")
+    return "\n".join(md)
+
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", default="all", choices=["all", "memory", "overhead", "accuracy"])
@@ -275,36 +310,9 @@ def main() -> None:
                                    else run_accuracy(scratch / "acc", 300, 6, 300, 128, 32))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    md = []
-    if "memory" in results:
-        md += ["## Memory vs N (head-only, K classes per step)", "",
-               "| N | dtype | s/step | anon RSS MiB (after) | peak RSS MiB | CUDA peak MiB | store bytes |",
-               "|---|---|---|---|---|---|---|"]
-        for r in results["memory"]:
-            if "error" in r:
-                md.append(f"| {r['n']:,} | error: {r['error']} | | | | | |")
-                continue
-            md.append(f"| {r['n']:,} | {r['dtype']} | {r['seconds_per_step']:.3f} | {r['anon_rss_mib_after']} | "
-                      f"{r['peak_rss_mib']} | {r['cuda_peak_mib'] or '–'} | {r['store_bytes']:,} |")
-    if "overhead" in results:
-        o = results["overhead"]
-        md += ["", f"## Store-traffic overhead (N = {o['n']:,}, K = {o['k']}, {o['batch_images']} images/step, "
-               f"{o['backbone']})", "", "| pipeline | s/step | waiting for data s/step | overhead vs resident |",
-               "|---|---|---|---|"]
-        for key in ("overlap", "serial"):
-            v = o[key]
-            md.append(f"| {key} | {v['seconds_per_step']:.3f} | {v['wait_for_data_s_per_step']:.4f} | "
-                      f"{100 * v['overhead_vs_resident']:.1f} % |")
-    if "accuracy" in results:
-        a = results["accuracy"]
-        md += ["", f"## Accuracy: closed-set top-1 of held-out spot photos vs all {a['dp_identities']} prototypes",
-               "", f"Backbone pretrained on {a['pretrain_identities']} other LFW identities (held-out val accuracy "
-               f"{a['pretrain_val_accuracy']}); K = {a['k']}, S = {a['sampled']}, {a['steps']} steps each.", "",
-               "| prototypes | top-1 | top-5 |", "|---|---|---|"]
-        for key in ("imprint_only", "dp", "random", "full"):
-            md.append(f"| {key} | {a[key]['top1']:.3f} | {a[key]['top5']:.3f} |")
-    write_results("dp_bench", {**results, "machine_at_run": machine()}, "\n".join(md))
-    print("\n".join(md))
+    md = render(results)
+    write_results("dp_bench", {**results, "machine_at_run": machine()}, md)
+    print(md)
 
 
 if __name__ == "__main__":
