@@ -34,7 +34,7 @@ from .backbone import FILENAME, load_backbone, save_backbone
 from .data import open_face_set
 from .dp import DominantSampler, UndoJournal, hardest_wrong
 from .dp_data import FeatureSource, ImageSource
-from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 from .errors import IncompatibleArtifact, LblError
 from .losses import build_loss
 from .queues import Queues
@@ -369,8 +369,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
                                     preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
                                     extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
         files.insert(0, FILENAME)
-        if train_backbone:
-            store.set_backbone_fingerprint(fingerprint)
+        store.set_backbone_fingerprint(fingerprint)  # the store now belongs with OUT/backbone.pt
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
@@ -408,8 +407,3 @@ def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int)
     qrec = [(r, v) for t, r, v in records if t == "queu"]
     if qrec and queues is not None:
         queues.restore(np.concatenate([r for r, _ in qrec]), np.concatenate([v for _, v in qrec]))
-
-
-def checkpoint_rows(path: Path) -> np.ndarray:
-    """The selection saved in a train-dp checkpoint (for tests and tools)."""
-    return load_checkpoint(path)["extra"]["next_rows"].numpy()
