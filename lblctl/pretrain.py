@@ -16,7 +16,7 @@ import torch
 
 from . import ui
 from .artifacts import describe_input, write_manifest
-from .backbone import FILENAME, save_backbone
+from .backbone import FILENAME, Backbone, save_backbone
 from .data import (
     EpochBatchSampler,
     FaceDataset,
@@ -100,21 +100,6 @@ def evaluate_pairs(backbone_like, index: FaceIndex, pairs: np.ndarray, same: np.
     scores = (emb.vectors[a] * emb.vectors[b]).sum(1)[good]
     acc, std = kfold_accuracy(scores, same[good], folds=10)
     return {"val_accuracy": acc, "val_accuracy_std": std, "val_pairs": int(good.sum())}
-
-
-class _LiveBackbone:
-    """Adapter so that :func:`embed_paths` can use the model being trained."""
-
-    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, embedding_size: int,
-                 device: torch.device) -> None:
-        self.model, self.preprocess = model, preprocess
-        self.embedding_size, self.device = embedding_size, device
-
-    @torch.inference_mode()
-    def embed(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        self.model.eval()
-        out = self.model(images.to(self.device)).float()
-        return torch.nn.functional.normalize(out, dim=1).cpu()
 
 
 def check_loss_options(cfg: PretrainConfig) -> bool:
@@ -225,8 +210,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     val_pairs, val_same = validation_pairs(index, val_ids, cfg.val_max_pairs, tcfg.seed)
 
     def on_epoch_end(epoch: int) -> dict[str, Any]:
-        res = evaluate_pairs(_LiveBackbone(model, preprocess, cfg.embedding_size, device), index,
-                             val_pairs, val_same, batch_size=cfg.batch_size, workers=cfg.workers)
+        live = Backbone(model, cfg.arch, cfg.embedding_size, preprocess, "", out / FILENAME, device)  # in training
+        res = evaluate_pairs(live, index, val_pairs, val_same, batch_size=cfg.batch_size, workers=cfg.workers)
         if res:
             ui.info(f"epoch {epoch + 1}: validation accuracy {res['val_accuracy']:.4f} "
                     f"± {res['val_accuracy_std']:.4f} on {res['val_pairs']} pairs of held-out identities")
