@@ -54,7 +54,7 @@ def main(
     dev = start(device, seed, quiet)
     cfg = EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
                      store=store, flip=flip, batch_size=batch_size,
-                     workers=default_workers() if workers < 0 else workers, center_crop=center_crop,
+                     workers=default_workers(workers), center_crop=center_crop,
                      folds=folds, seed=seed)
     summary, metrics, reasons = evaluate(cfg, dev)
     if json_out:

@@ -56,6 +56,6 @@ def main(
 ) -> None:
     dev = start(device, seed, quiet)
     cfg = ImprintConfig(out=out, data=data, backbone=backbone, features=features, photos=photos, flip=flip,
-                        batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
+                        batch_size=batch_size, workers=default_workers(workers),
                         dtype=dtype, momentum=momentum, resume=resume)
     finish(imprint(cfg, dev), "imprint", json_out)

@@ -121,7 +121,7 @@ def main(
         loss=loss, loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None},
         batch_size=batch_size, pk_identities=pk_identities, pk_images=pk_images,
         epochs=epochs or None, val_fraction=val_fraction, min_images=min_images,
-        workers=default_workers() if workers < 0 else workers, resume=resume,
+        workers=default_workers(workers), resume=resume,
         train=TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                           schedule=schedule,
                           warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,

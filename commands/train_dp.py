@@ -80,7 +80,7 @@ def main(
         store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
         classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
         loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
-        projection=projection, epochs=epochs or None, workers=max(1, default_workers()) if workers < 0 else workers,
+        projection=projection, epochs=epochs or None, workers=default_workers(workers),
         resume=resume,
         train=TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
                           warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,

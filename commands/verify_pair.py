@@ -78,7 +78,7 @@ def main(
     if threshold is None:
         threshold = threshold_from_calibration(calibration, far, backbone_identities(bb), flip)
     summary = verify_pairs(bb, pairs, out, threshold, flip=flip, batch_size=batch_size,
-                           workers=default_workers() if workers < 0 else workers, chunk_rows=chunk_rows,
+                           workers=default_workers(workers), chunk_rows=chunk_rows,
                            cache_size=cache_size, dataset_factory=factory)
     params = {"threshold": threshold, "far": far, "calibration": str(calibration) if calibration else None,
               "flip": flip, "align": align, "align_model": str(align_model) if align_model else None,

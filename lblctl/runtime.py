@@ -44,7 +44,10 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-def default_workers() -> int:
-    """DataLoader workers: leave one core for the main process, none on one core."""
+def default_workers(requested: int = -1) -> int:
+    """Worker count for ``--workers``: a given count (≥ 0) as is; negative = auto, which leaves one
+    core for the main process (none on one core)."""
+    if requested >= 0:
+        return requested
     n = os.cpu_count() or 1
     return 0 if n <= 1 else min(8, n - 1)
