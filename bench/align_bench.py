@@ -1,6 +1,6 @@
 """``lblctl align`` throughput (images/s, CPU, 1 and 2 workers) and detection rate on the shipped faces.
 
-Runs the real stage (``lblctl.align.align``: decode, detect, norm_crop, PNG write, report) on LFW-a
+Runs the real stage (``lblctl.stages.align.align``: decode, detect, norm_crop, PNG write, report) on LFW-a
 photos listed in a CSV (no copying), for SCRFD and YuNet, then the detection rate (share of
 readable photos that were aligned) on LFW (a sample or all 9,959), ORL and Yale B.
 
@@ -23,8 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from lblctl import ui  # noqa: E402
-from lblctl.align import AlignConfig, align  # noqa: E402
+from lblctl.core import ui  # noqa: E402
+from lblctl.stages.align import AlignConfig, align  # noqa: E402
 
 SHARED = Path(os.environ.get("LBLCTL_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"

@@ -38,9 +38,9 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 def make_synthetic_store(folder: Path, n: int, d: int, dtype: str, names: list[str] | None = None,
                          cq: int = 8, dq: int = 4, seed: int = 0, backbone_fingerprint: str | None = None) -> None:
     """A store of N random unit rows (+ momentum) and random candidate queues, written in chunks."""
-    from lblctl.queues import Queues
-    from lblctl.store import PrototypeStore
-    from lblctl.strings import StringArray
+    from lblctl.core.queues import Queues
+    from lblctl.core.store import PrototypeStore
+    from lblctl.core.strings import StringArray
 
     rng = np.random.default_rng(seed)
     given = names or []
@@ -67,8 +67,8 @@ def memory_child(n: int, d: int, k: int, steps: int, work: Path) -> dict:
     import h5py
     import torch
 
-    from lblctl.engine import TrainConfig
-    from lblctl.train_dp import TrainDPConfig, train_dp
+    from lblctl.stages.train_dp import TrainDPConfig, train_dp
+    from lblctl.train.engine import TrainConfig
 
     t0 = time.perf_counter()
     dtype = "float16" if n >= 5_000_000 else "float32"
@@ -122,11 +122,11 @@ def run_memory(sizes: list[int], d: int, k: int, steps: int, scratch: Path) -> l
 def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int) -> dict:
     import torch
 
-    from lblctl.backbone import save_backbone
-    from lblctl.data import Preprocess, open_face_set
-    from lblctl.engine import TrainConfig
-    from lblctl.models import create_backbone
-    from lblctl.train_dp import TrainDPConfig, train_dp
+    from lblctl.data.faces import Preprocess, open_face_set
+    from lblctl.models.backbones import create_backbone
+    from lblctl.models.checkpoint import save_backbone
+    from lblctl.stages.train_dp import TrainDPConfig, train_dp
+    from lblctl.train.engine import TrainConfig
 
     faces = REPO / "examples" / "data" / "faces"
     index = open_face_set(faces)
@@ -135,7 +135,7 @@ def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int) -> dict:
     save_backbone(scratch / "bb" / "backbone.pt", model, arch="small_cnn", embedding_size=512,
                   preprocess=Preprocess(64, 0.6), arch_kwargs={})
     base = scratch / "store_base"
-    from lblctl.backbone import load_backbone
+    from lblctl.models.checkpoint import load_backbone
 
     fp = load_backbone(scratch / "bb").fingerprint
     make_synthetic_store(base, n, 512, "float32", names=list(index.names), backbone_fingerprint=fp)
@@ -173,9 +173,9 @@ def _cli(*args: str) -> dict:
 def _top1(backbone_path: Path, store_dir: Path, probes: list[tuple[str, str]]) -> tuple[float, float]:
     import faiss
 
-    from lblctl.backbone import load_backbone
-    from lblctl.embed import embed_paths
-    from lblctl.store import PrototypeStore
+    from lblctl.core.store import PrototypeStore
+    from lblctl.models.checkpoint import load_backbone
+    from lblctl.models.embed import embed_paths
 
     bb = load_backbone(backbone_path)
     emb = embed_paths(bb, [p for _, p in probes], batch_size=128)

@@ -46,8 +46,8 @@ def clustered(n: int, d: int, seed: int, spread: float) -> np.ndarray:
 def run_one(n: int, args: argparse.Namespace) -> dict:
     import faiss
 
-    from lblctl.index import ArraySource, build_index, choose_index, exact_knn, recall_at_k, search_all
-    from lblctl.queues import Queues
+    from lblctl.core.queues import Queues
+    from lblctl.stages.index import ArraySource, build_index, choose_index, exact_knn, recall_at_k, search_all
 
     faiss.omp_set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -118,7 +118,7 @@ def main() -> None:
         args.name = args.name + "_quick" if args.name == "index_bench" else args.name
     if args.one:  # child: one size, its own peak RSS
         os.environ["LBLCTL_QUIET"] = "1"
-        from lblctl import ui
+        from lblctl.core import ui
 
         ui.set_quiet(True)
         print(json.dumps(run_one(args.one, args)))
@@ -126,7 +126,7 @@ def main() -> None:
     results = []
     real = None
     if args.store:
-        from lblctl.index import BuildIndexConfig, build_store_index
+        from lblctl.stages.index import BuildIndexConfig, build_store_index
 
         t0 = time.perf_counter()
         real = build_store_index(BuildIndexConfig(store=Path(args.store), candidates=args.k,

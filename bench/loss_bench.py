@@ -26,18 +26,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from lblctl import ui  # noqa: E402
-from lblctl.data import Preprocess, open_face_set, split_identities  # noqa: E402
-from lblctl.engine import TrainConfig  # noqa: E402
-from lblctl.models import create_backbone  # noqa: E402
-from lblctl.pretrain import (  # noqa: E402
+from lblctl.core import ui  # noqa: E402
+from lblctl.core.runtime import seed_everything  # noqa: E402
+from lblctl.data.faces import Preprocess, open_face_set, split_identities  # noqa: E402
+from lblctl.models.backbones import create_backbone  # noqa: E402
+from lblctl.stages.pretrain import (  # noqa: E402
     PretrainConfig,
     _LiveBackbone,
     evaluate_pairs,
     pretrain,
     validation_pairs,
 )
-from lblctl.runtime import seed_everything  # noqa: E402
+from lblctl.train.engine import TrainConfig  # noqa: E402
 
 LFW = Path(os.environ.get("LBLCTL_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "lfw"
 

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import anon_rss_mib, peak_rss_mib, write_results  # noqa: E402
 
-from lblctl.store import FILENAME, PrototypeStore  # noqa: E402
+from lblctl.core.store import FILENAME, PrototypeStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,10 +133,10 @@ def bench_imprint(data: Path, workdir: Path, batch_size: int, workers: int, inpu
                   limit: int) -> dict:
     import torch
 
-    from lblctl.backbone import load_backbone, save_backbone
-    from lblctl.data import FaceDataset, Preprocess, make_loader, open_face_set
-    from lblctl.imprint import ImprintConfig, imprint
-    from lblctl.models import create_backbone
+    from lblctl.data.faces import FaceDataset, Preprocess, make_loader, open_face_set
+    from lblctl.models.backbones import create_backbone
+    from lblctl.models.checkpoint import load_backbone, save_backbone
+    from lblctl.stages.imprint import ImprintConfig, imprint
 
     folder = Path(tempfile.mkdtemp(prefix="imprint_", dir=workdir))
     try:

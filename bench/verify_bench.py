@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import anon_rss_mib, peak_rss_mib, write_results  # noqa: E402
 
-from lblctl import ui  # noqa: E402
-from lblctl.backbone import load_backbone, save_backbone  # noqa: E402
-from lblctl.data import PathDataset, Preprocess, make_loader  # noqa: E402
-from lblctl.models import create_backbone  # noqa: E402
-from lblctl.verify import verify_pairs  # noqa: E402
+from lblctl.core import ui  # noqa: E402
+from lblctl.data.faces import PathDataset, Preprocess, make_loader  # noqa: E402
+from lblctl.models.backbones import create_backbone  # noqa: E402
+from lblctl.models.checkpoint import load_backbone, save_backbone  # noqa: E402
+from lblctl.stages.verify import verify_pairs  # noqa: E402
 
 LFW = Path(os.environ.get("LBLCTL_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "lfw"
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from lblctl import ui
-from lblctl.runtime import resolve_device, seed_everything
+from lblctl.core import ui
+from lblctl.core.runtime import resolve_device, seed_everything
 
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when present).",
                                      rich_help_panel="Common")]

@@ -27,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from lblctl.align import AlignConfig, align
+from lblctl.stages.align import AlignConfig, align
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from lblctl.index import BuildIndexConfig, build_store_index
+from lblctl.stages.index import BuildIndexConfig, build_store_index
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

@@ -21,9 +21,9 @@ from typing import Annotated
 
 import typer
 
-from lblctl import ui
-from lblctl.evaluate import EvalConfig, evaluate, metrics_table
-from lblctl.runtime import default_workers
+from lblctl.core import ui
+from lblctl.core.runtime import default_workers
+from lblctl.stages.evaluate import EvalConfig, evaluate, metrics_table
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

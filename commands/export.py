@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from lblctl.export import export_onnx
+from lblctl.models.export import export_onnx
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

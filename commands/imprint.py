@@ -23,8 +23,8 @@ from typing import Annotated
 
 import typer
 
-from lblctl.imprint import ImprintConfig, imprint
-from lblctl.runtime import default_workers
+from lblctl.core.runtime import default_workers
+from lblctl.stages.imprint import ImprintConfig, imprint
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

@@ -23,11 +23,11 @@ from typing import Annotated
 
 import typer
 
-from lblctl.engine import TrainConfig
-from lblctl.errors import LblError
-from lblctl.models import list_backbones
-from lblctl.pretrain import PretrainConfig, pretrain
-from lblctl.runtime import default_workers
+from lblctl.core.errors import LblError
+from lblctl.core.runtime import default_workers
+from lblctl.models.backbones import list_backbones
+from lblctl.stages.pretrain import PretrainConfig, pretrain
+from lblctl.train.engine import TrainConfig
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

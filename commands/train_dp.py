@@ -28,9 +28,9 @@ from typing import Annotated
 
 import typer
 
-from lblctl.engine import TrainConfig
-from lblctl.runtime import default_workers
-from lblctl.train_dp import TrainDPConfig, train_dp
+from lblctl.core.runtime import default_workers
+from lblctl.stages.train_dp import TrainDPConfig, train_dp
+from lblctl.train.engine import TrainConfig
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 

@@ -23,10 +23,10 @@ from typing import Annotated
 
 import typer
 
-from lblctl.backbone import open_backbone
-from lblctl.errors import LblError
-from lblctl.runtime import default_workers
-from lblctl.verify import (
+from lblctl.core.errors import LblError
+from lblctl.core.runtime import default_workers
+from lblctl.models.checkpoint import open_backbone
+from lblctl.stages.verify import (
     backbone_identities,
     make_dataset_factory,
     threshold_from_calibration,

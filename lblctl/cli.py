@@ -7,8 +7,9 @@ import sys
 
 import typer
 
-from . import __version__, ui
-from .errors import LblError
+from lblctl import __version__
+from lblctl.core import ui
+from lblctl.core.errors import LblError
 
 # (module in lblctl.commands, command name); a stage is listed here once it works.
 STAGES = [

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lblctl.align import (
+from lblctl.core.artifacts import read_manifest
+from lblctl.core.errors import LblError
+from lblctl.data.faces import open_face_set
+from lblctl.models.detectors import ScrfdDetector
+from lblctl.stages.align import (
     ARCFACE_TEMPLATE,
     FACES_CSV,
     JOURNAL,
@@ -24,10 +28,6 @@ from lblctl.align import (
     align,
     landmark_fit_error,
 )
-from lblctl.artifacts import read_manifest
-from lblctl.data import open_face_set
-from lblctl.detectors import ScrfdDetector
-from lblctl.errors import LblError
 
 from .conftest import LFW, MODELS, ORL, YALEB, copy_slice, lfw_identities
 

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lblctl.artifacts import (
+from lblctl.core.artifacts import (
     atomic_open,
     atomic_write_json,
     fingerprint_file,
     read_manifest,
     write_manifest,
 )
-from lblctl.backbone import load_backbone, save_backbone
-from lblctl.data import Preprocess
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.models import create_backbone
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.data.faces import Preprocess
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, save_backbone
 
 
 def test_atomic_write_keeps_old_file_on_crash(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lblctl.artifacts import fingerprint_file
+from lblctl.core.artifacts import fingerprint_file
 
 from .conftest import REPO, copy_slice, lfw_identities
 

@@ -68,7 +68,7 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path)
 
 
 def test_debug_shows_traceback(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    from lblctl.errors import LblError
+    from lblctl.core.errors import LblError
 
     with pytest.raises(LblError):
         main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--debug"])

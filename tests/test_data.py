@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lblctl.data import (
+from lblctl.core.errors import LblError
+from lblctl.core.strings import StringArray
+from lblctl.data.faces import (
     EpochBatchSampler,
     FaceDataset,
     ImageProblem,
@@ -22,8 +24,6 @@ from lblctl.data import (
     scan_folders,
     split_identities,
 )
-from lblctl.errors import LblError
-from lblctl.strings import StringArray
 
 from .conftest import LFW, ORL, YALEB
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lblctl.dp import DominantSampler, UndoJournal, hardest_wrong
+from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
 
 
 def _queues(n: int, dq: int, seed: int = 0) -> np.ndarray:

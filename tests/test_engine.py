@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone
-from lblctl.engine import TrainConfig, load_checkpoint, lr_factor
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.pretrain import PretrainConfig, pretrain
-from lblctl.runtime import seed_everything
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.runtime import seed_everything
+from lblctl.models.checkpoint import load_backbone
+from lblctl.stages.pretrain import PretrainConfig, pretrain
+from lblctl.train.engine import TrainConfig, load_checkpoint, lr_factor
 
 from .conftest import copy_slice, lfw_identities
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone
-from lblctl.data import load_image, open_face_set
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.evaluate import EvalConfig, evaluate
-from lblctl.metrics import verification_metrics
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.metrics import verification_metrics
+from lblctl.data.faces import load_image, open_face_set
+from lblctl.models.checkpoint import load_backbone
+from lblctl.stages.evaluate import EvalConfig, evaluate
 
 from .conftest import SHARED
 from .test_export import make_backbone
@@ -123,7 +123,7 @@ def test_gallery_and_probe_csvs(tmp_path, lfw_slice):
 
 
 def test_identification_against_a_store(tmp_path, lfw_slice):
-    from lblctl.store import PrototypeStore
+    from lblctl.core.store import PrototypeStore
 
     bb_path = make_backbone(tmp_path / "backbone.pt")
     bb = load_backbone(bb_path)

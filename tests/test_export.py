@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lblctl.backbone import load_backbone, open_backbone, save_backbone
-from lblctl.data import Preprocess, load_image
-from lblctl.errors import LblError
-from lblctl.export import export_onnx
-from lblctl.models import create_backbone
-from lblctl.onnx_backbone import OnnxBackbone, load_onnx_backbone
+from lblctl.core.errors import LblError
+from lblctl.data.faces import Preprocess, load_image
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, open_backbone, save_backbone
+from lblctl.models.export import export_onnx
+from lblctl.models.onnx import OnnxBackbone, load_onnx_backbone
 
 from .conftest import LFW, lfw_identities
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone, save_backbone
 from lblctl.cli import main as cli_main
-from lblctl.data import Preprocess, load_image, open_face_set
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.imprint import STAGING, ImprintConfig, imprint
-from lblctl.models import create_backbone
-from lblctl.store import PrototypeStore
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import Preprocess, load_image, open_face_set
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, save_backbone
+from lblctl.stages.imprint import STAGING, ImprintConfig, imprint
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -195,7 +195,7 @@ def test_cli_imprint_end_to_end(lfw_slice: Path, backbone_pt: Path, tmp_path: Pa
 
 def test_imprint_from_an_onnx_backbone_matches_and_keeps_momentum(lfw_slice: Path, backbone_pt: Path,
                                                                   tmp_path: Path) -> None:
-    from lblctl.export import export_onnx
+    from lblctl.models.export import export_onnx
 
     export_onnx(backbone_pt, tmp_path / "model.onnx")
     imprint(ImprintConfig(out=tmp_path / "a", data=lfw_slice, backbone=backbone_pt, batch_size=8))

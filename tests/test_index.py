@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone, save_backbone
-from lblctl.data import Preprocess
-from lblctl.duplicates import auto_threshold
-from lblctl.embed import embed_paths
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.index import (
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.queues import Queues
+from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import Preprocess
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, save_backbone
+from lblctl.models.embed import embed_paths
+from lblctl.stages.duplicates import auto_threshold
+from lblctl.stages.index import (
     ArraySource,
     BuildIndexConfig,
     build_index,
@@ -30,9 +33,6 @@ from lblctl.index import (
     recall_at_k,
     search_all,
 )
-from lblctl.models import create_backbone
-from lblctl.queues import Queues
-from lblctl.store import PrototypeStore
 
 from .conftest import LFW, lfw_identities
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from lblctl.cli import main
-from lblctl.data import Preprocess, load_image, open_face_set
-from lblctl.engine import TrainConfig, load_checkpoint
-from lblctl.errors import LblError
-from lblctl.losses import (
+from lblctl.core.errors import LblError
+from lblctl.core.runtime import seed_everything
+from lblctl.data.faces import Preprocess, load_image, open_face_set
+from lblctl.models.backbones import create_backbone
+from lblctl.models.losses import (
     ArcFaceLoss,
     CenterLoss,
     CombinedMarginLoss,
@@ -27,10 +28,9 @@ from lblctl.losses import (
     build_loss,
     resolve_loss_options,
 )
-from lblctl.models import create_backbone
-from lblctl.pretrain import PretrainConfig, pretrain
-from lblctl.runtime import seed_everything
-from lblctl.samplers import PKBatchSampler
+from lblctl.stages.pretrain import PretrainConfig, pretrain
+from lblctl.train.engine import TrainConfig, load_checkpoint
+from lblctl.train.samplers import PKBatchSampler
 
 from .conftest import copy_slice, lfw_identities
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lblctl.metrics import (
+from lblctl.core.metrics import (
     FAR_TARGETS,
     auc,
     best_threshold,

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone, save_backbone
-from lblctl.data import Preprocess
-from lblctl.errors import LblError
-from lblctl.models import count_parameters, create_backbone, default_input_size, list_backbones
+from lblctl.core.errors import LblError
+from lblctl.data.faces import Preprocess
+from lblctl.models.backbones import count_parameters, create_backbone, default_input_size, list_backbones
+from lblctl.models.checkpoint import load_backbone, save_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")

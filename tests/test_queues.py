@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lblctl import queues as queues_mod
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.queues import Queues, journal_path
+from lblctl.core import queues as queues_mod
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.queues import Queues, journal_path
 
 
 def _write(path: Path, cand: np.ndarray, dq: int, **attrs) -> Path:

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.store import FILENAME, WAL_NAME, PrototypeStore, _normalise
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.store import FILENAME, WAL_NAME, PrototypeStore, _normalise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ N, D, K = 3000, 16, 400
 WRITER = f"""
 import sys
 import numpy as np
-from lblctl.store import PrototypeStore
+from lblctl.core.store import PrototypeStore
 N, D, K = {N}, {D}, {K}
 with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2]) as s:
     step = s.committed_step

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from lblctl.backbone import load_backbone, save_backbone
-from lblctl.data import Preprocess, open_face_set
-from lblctl.dp_data import ImageSource
-from lblctl.embed import embed_paths
-from lblctl.engine import TrainConfig
-from lblctl.errors import LblError
-from lblctl.models import create_backbone
-from lblctl.queues import Queues
-from lblctl.store import PrototypeStore
-from lblctl.train_dp import TrainDPConfig, train_dp
+from lblctl.core.errors import LblError
+from lblctl.core.queues import Queues
+from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import Preprocess, open_face_set
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, save_backbone
+from lblctl.models.embed import embed_paths
+from lblctl.stages.train_dp import TrainDPConfig, train_dp
+from lblctl.train.dp_data import ImageSource
+from lblctl.train.engine import TrainConfig
 
 from .conftest import copy_slice, lfw_identities
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lblctl.backbone import load_backbone, open_backbone
-from lblctl.data import load_image
-from lblctl.errors import IncompatibleArtifact, LblError
-from lblctl.evaluate import EvalConfig, evaluate
-from lblctl.export import export_onnx
-from lblctl.verify import EmbeddingCache, backbone_identities, threshold_from_calibration, verify_pairs
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.data.faces import load_image
+from lblctl.models.checkpoint import load_backbone, open_backbone
+from lblctl.models.export import export_onnx
+from lblctl.stages.evaluate import EvalConfig, evaluate
+from lblctl.stages.verify import EmbeddingCache, backbone_identities, threshold_from_calibration, verify_pairs
 
 from .conftest import copy_slice, lfw_identities
 from .test_export import make_backbone
@@ -212,7 +212,7 @@ def test_threshold_from_calibration(tmp_path, faces):
 def test_align_on_the_fly_with_scrfd(tmp_path, faces):
     from PIL import Image
 
-    from lblctl.verify import make_dataset_factory
+    from lblctl.stages.verify import make_dataset_factory
 
     from .conftest import MODELS
 

@@ -1,6 +1,6 @@
 """``train-dp``: dominant-prototype softmax over all N identities with only K prototypes on the device.
 
-Each step (see :class:`lblctl.dp.DominantSampler`): choose K classes, gather their prototypes
+Each step (see :class:`lblctl.train.dp.DominantSampler`): choose K classes, gather their prototypes
 (and per-class momentum) from the store into a fixed K×D head parameter, train one step of a
 margin softmax over K on photos of those classes, write the K updated rows back, and promote the
 hardest wrong class of every sample in its class's dominant queue.
@@ -10,7 +10,7 @@ back step t−1 and gathers (and decodes the photos of) step t+1; rows of step t
 also trains are then patched with step t's fresh values, so no update is lost.
 
 Resume: every store commit is preceded by an undo record of the rows' values at the last
-checkpoint (:class:`lblctl.dp.UndoJournal`); queue promotions reach their file only at
+checkpoint (:class:`lblctl.train.dp.UndoJournal`); queue promotions reach their file only at
 checkpoints. A run killed at any moment is rolled back to its checkpoint and continues with the
 same selections, photos and RNG streams.
 """
@@ -28,17 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ui
-from .artifacts import describe_input, write_manifest
-from .backbone import FILENAME, load_backbone, save_backbone
-from .data import open_face_set
-from .dp import DominantSampler, UndoJournal, hardest_wrong
-from .dp_data import FeatureSource, ImageSource
-from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
-from .errors import IncompatibleArtifact, LblError
-from .losses import build_loss
-from .queues import Queues
-from .store import PrototypeStore
+from lblctl.core import ui
+from lblctl.core.artifacts import describe_input, write_manifest
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.queues import Queues
+from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import open_face_set
+from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
+from lblctl.models.losses import build_loss
+from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
+from lblctl.train.dp_data import FeatureSource, ImageSource
+from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 
 HEADS = ("dp", "random", "full")
 JOURNAL = "undo.bin"

@@ -18,14 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ui
-from .artifacts import atomic_open, atomic_write_json, describe_input, write_manifest
-from .backbone import open_backbone
-from .data import FaceIndex, PairsFile, PathDataset, ProblemLog, make_loader, open_face_set, read_identity_csv
-from .embed import embed_paths
-from .errors import IncompatibleArtifact, LblError
-from .metrics import FAR_TARGETS, roc_curve, verification_metrics
-from .verify import backbone_identities
+from lblctl.core import ui
+from lblctl.core.artifacts import atomic_open, atomic_write_json, describe_input, write_manifest
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.metrics import FAR_TARGETS, roc_curve, verification_metrics
+from lblctl.data.faces import (
+    FaceIndex,
+    PairsFile,
+    PathDataset,
+    ProblemLog,
+    make_loader,
+    open_face_set,
+    read_identity_csv,
+)
+from lblctl.models.checkpoint import open_backbone
+from lblctl.models.embed import embed_paths
+from lblctl.stages.verify import backbone_identities
 
 METRICS = "metrics.json"
 ROC_PNG = "roc.png"
@@ -295,7 +303,7 @@ def evaluate(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, Any], dic
         backbone.preprocess = replace(backbone.preprocess, center_crop=cfg.center_crop)
     store = None
     if cfg.store is not None:
-        from .store import PrototypeStore
+        from lblctl.core.store import PrototypeStore
 
         store = PrototypeStore.open(cfg.store, mode="r", expect_embedding_size=backbone.embedding_size)
         accepted = backbone_identities(backbone)

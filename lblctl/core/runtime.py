@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import LblError
+from lblctl.core.errors import LblError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

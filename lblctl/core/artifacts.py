@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from . import __version__
-from .errors import IncompatibleArtifact, LblError
+from lblctl import __version__
+from lblctl.core.errors import IncompatibleArtifact, LblError
 
 MANIFEST = "manifest.json"
 FULL_HASH_LIMIT = 256 << 20  # files above this get a sampled fingerprint (size + head/middle/tail)

@@ -24,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, ui
-from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_file, describe_input, read_manifest
-from .data import (
+from lblctl import __version__
+from lblctl.core import ui
+from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_file, describe_input, read_manifest
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.metrics import far_key
+from lblctl.data.faces import (
     FALSE_WORDS,
     TRUE_WORDS,
     ImageProblem,
@@ -37,8 +40,6 @@ from .data import (
     load_rgb_array,
     make_loader,
 )
-from .errors import IncompatibleArtifact, LblError
-from .metrics import far_key
 
 ADDED_COLUMNS = ("score", "same_pred", "error")
 
@@ -53,7 +54,7 @@ class AlignedPathDataset(PathDataset):
 
     def __init__(self, paths: list[str], preprocess: Preprocess, detector: str, model: str | os.PathLike,
                  min_score: float | None = None) -> None:
-        from .align import DEFAULT_MIN_SCORE
+        from lblctl.stages.align import DEFAULT_MIN_SCORE
 
         super().__init__(paths, Preprocess(preprocess.input_size, 1.0))
         self.detector_name, self.model = detector, str(model)
@@ -66,8 +67,8 @@ class AlignedPathDataset(PathDataset):
 
     def detector(self) -> Any:
         if self._pid != os.getpid():
-            from .align import DETECT_FLOOR
-            from .detectors import make_detector
+            from lblctl.models.detectors import make_detector
+            from lblctl.stages.align import DETECT_FLOOR
 
             self._detector = make_detector(self.detector_name, Path(self.model), threads=1, det_size=0,
                                            floor=min(DETECT_FLOOR, self.min_score))
@@ -77,7 +78,7 @@ class AlignedPathDataset(PathDataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        from .align import norm_crop, pick_face
+        from lblctl.stages.align import norm_crop, pick_face
 
         path = self.paths[i]
         try:
@@ -295,7 +296,7 @@ class VerifyResult:
 
 class PairStream(PairsFile):
     """The pairs CSV as chunks of rows, each parsed leniently (problems go to the row's error):
-    the header checks and path resolution are :class:`lblctl.data.PairsFile`'s."""
+    the header checks and path resolution are :class:`lblctl.data.faces.PairsFile`'s."""
 
     def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         super().__init__(csv_path, root)

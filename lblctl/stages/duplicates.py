@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_open
-from .data import ImageProblem, load_image
+from lblctl.core.artifacts import atomic_open
+from lblctl.data.faces import ImageProblem, load_image
 
 DUPLICATES_CSV = "duplicates.csv"
 DUPLICATES_HTML = "duplicates.html"

@@ -30,10 +30,11 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from . import __version__, ui
-from .artifacts import _fsync_dir, atomic_write_json, describe_file, describe_input
-from .errors import LblError
-from .queues import QUEUES, Queues
+from lblctl import __version__
+from lblctl.core import ui
+from lblctl.core.artifacts import _fsync_dir, atomic_write_json, describe_file, describe_input
+from lblctl.core.errors import LblError
+from lblctl.core.queues import QUEUES, Queues
 
 FLAT_MAX_ROWS = 50_000
 LOW_RECALL = 0.9  # below this build-index warns and suggests another index
@@ -43,7 +44,7 @@ _BLOCK_FLOATS = 1 << 25  # scores computed per BLAS block (128 MiB of float32)
 
 
 class VectorSource(Protocol):
-    """What the search needs from a prototype store (``lblctl.store.PrototypeStore`` fits)."""
+    """What the search needs from a prototype store (``lblctl.core.store.PrototypeStore`` fits)."""
 
     @property
     def num_rows(self) -> int: ...
@@ -465,8 +466,15 @@ class BuildIndexConfig:
 
 def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str, Any]:
     """Index a prototype store, write its queues, duplicate report and index manifest; return a summary."""
-    from .duplicates import DUPLICATES_CSV, DUPLICATES_HTML, auto_threshold, find_pairs, write_csv, write_html
-    from .store import PrototypeStore
+    from lblctl.core.store import PrototypeStore
+    from lblctl.stages.duplicates import (
+        DUPLICATES_CSV,
+        DUPLICATES_HTML,
+        auto_threshold,
+        find_pairs,
+        write_csv,
+        write_html,
+    )
 
     if cfg.index not in INDEX_KINDS:
         raise LblError(f"--index {cfg.index}: expected one of {', '.join(INDEX_KINDS)}")
@@ -552,7 +560,7 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
 
 
 def _given_threshold(value: float):
-    from .duplicates import Threshold
+    from lblctl.stages.duplicates import Threshold
 
     return Threshold(float(value), "given by --dup-threshold")
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ui
-from .artifacts import describe_input, write_manifest
-from .backbone import FILENAME, Backbone, save_backbone
-from .data import (
+from lblctl.core import ui
+from lblctl.core.artifacts import describe_input, write_manifest
+from lblctl.core.errors import LblError
+from lblctl.core.metrics import kfold_accuracy
+from lblctl.data.faces import (
     EpochBatchSampler,
     FaceDataset,
     FaceIndex,
@@ -27,13 +28,12 @@ from .data import (
     open_face_set,
     split_identities,
 )
-from .embed import embed_paths
-from .engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
-from .errors import LblError
-from .losses import NEEDS_PK, Objective, resolve_loss_options
-from .metrics import kfold_accuracy
-from .models import create_backbone, default_input_size
-from .samplers import PKBatchSampler
+from lblctl.models.backbones import create_backbone, default_input_size
+from lblctl.models.checkpoint import FILENAME, Backbone, save_backbone
+from lblctl.models.embed import embed_paths
+from lblctl.models.losses import NEEDS_PK, Objective, resolve_loss_options
+from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
+from lblctl.train.samplers import PKBatchSampler
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Dominant-prototype machinery: which K classes a step trains, how the queues learn from its
 predictions, and the undo journal that lets a killed run roll the store back to its checkpoint.
 
-Nothing here touches a file format directly: the store is :mod:`lblctl.store`, the queues are
-:mod:`lblctl.queues`.
+Nothing here touches a file format directly: the store is :mod:`lblctl.core.store`, the queues are
+:mod:`lblctl.core.queues`.
 """
 
 from __future__ import annotations

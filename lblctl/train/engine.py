@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ui
-from .artifacts import atomic_open
-from .errors import IncompatibleArtifact, LblError
+from lblctl.core import ui
+from lblctl.core.artifacts import atomic_open
+from lblctl.core.errors import IncompatibleArtifact, LblError
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"

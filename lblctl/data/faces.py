@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import LblError
-from .strings import StringArray, StringArrayBuilder
+from lblctl.core.errors import LblError
+from lblctl.core.strings import StringArray, StringArrayBuilder
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"})
 TRUE_WORDS = {"1", "true", "yes", "same", "y", "t"}
@@ -61,7 +61,7 @@ class ProblemLog:
         return {"count": self.count, "items": [p.as_dict() for p in self.items[:show]]}
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        from .artifacts import atomic_open
+        from lblctl.core.artifacts import atomic_open
 
         with atomic_open(path, "w") as fh:
             w = csv.writer(fh)

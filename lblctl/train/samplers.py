@@ -1,7 +1,7 @@
 """Identity-balanced batches: P identities × K images each (FaceNet, "In defense of the triplet loss").
 
 Triplet and pair-verification losses need genuine pairs in every batch; plain shuffled batches of
-a long-tailed face set almost never have them. Like :class:`~lblctl.data.EpochBatchSampler`, the
+a long-tailed face set almost never have them. Like :class:`~lblctl.data.faces.EpochBatchSampler`, the
 batches depend only on (seed, epoch), so a resumed run sees exactly the ones it would have seen.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from .errors import LblError
+from lblctl.core.errors import LblError
 
 
 class PKBatchSampler(Sampler[list[int]]):

@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from . import ui
-from .artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
-from .data import FaceIndex, ImageProblem, load_image, open_face_set
-from .detectors import Face, make_detector, onnx_cuda_available, usable_cores
-from .errors import LblError
-from .strings import StringArrayBuilder
+from lblctl.core import ui
+from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
+from lblctl.core.errors import LblError
+from lblctl.core.strings import StringArrayBuilder
+from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set
+from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
 
 REPORT = "align_report.csv"
 JOURNAL = ".align_journal.csv"
@@ -554,7 +554,7 @@ def _pool_context() -> Any:
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # imported once in the server, so each worker starts with them loaded (no sessions, no threads yet)
-        ctx.set_forkserver_preload(["lblctl.align", "cv2", "onnxruntime", "insightface.model_zoo.scrfd",
+        ctx.set_forkserver_preload(["lblctl.stages.align", "cv2", "onnxruntime", "insightface.model_zoo.scrfd",
                                     "insightface.utils.face_align"])
         return ctx
     return mp.get_context("spawn")

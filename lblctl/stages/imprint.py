@@ -24,13 +24,13 @@ import h5py
 import numpy as np
 import torch
 
-from . import ui
-from .artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
-from .backbone import Backbone, open_backbone
-from .data import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
-from .errors import LblError
-from .store import DTYPES, FILENAME, PrototypeStore
-from .strings import StringArrayBuilder, _hash64
+from lblctl.core import ui
+from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
+from lblctl.core.errors import LblError
+from lblctl.core.store import DTYPES, FILENAME, PrototypeStore
+from lblctl.core.strings import StringArrayBuilder, _hash64
+from lblctl.data.faces import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
+from lblctl.models.checkpoint import Backbone, open_backbone
 
 STAGING = ".imprint"
 STATE = "state.json"

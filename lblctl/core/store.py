@@ -39,9 +39,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .artifacts import MANIFEST, check_compatible, read_manifest, write_manifest
-from .errors import IncompatibleArtifact, LblError
-from .strings import StringArray, StringArrayBuilder, _hash64
+from lblctl.core.artifacts import MANIFEST, check_compatible, read_manifest, write_manifest
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.strings import StringArray, StringArrayBuilder, _hash64
 
 FORMAT = "lblctl-store/1"
 FILENAME = "prototypes.h5"

@@ -30,8 +30,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .artifacts import _fsync_dir, atomic_open
-from .errors import IncompatibleArtifact, LblError
+from lblctl.core.artifacts import _fsync_dir, atomic_open
+from lblctl.core.errors import IncompatibleArtifact, LblError
 
 QUEUES = "queues.h5"
 FORMAT = "lblctl-queues-1"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LblError
+from lblctl.core.errors import LblError
 
 MAX_NATIVE_SIDE = 640  # --det-size 0 runs at the image's own size, but never above this side
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LblError
+from lblctl.core.errors import LblError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULT_INPUT: dict[str, int] = {}

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ui
-from .backbone import Backbone
-from .data import PathDataset, ProblemLog, make_loader
+from lblctl.core import ui
+from lblctl.data.faces import PathDataset, ProblemLog, make_loader
+from lblctl.models.checkpoint import Backbone
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``lblctl export``: an lblctl backbone as an ONNX model, checked against PyTorch.
 
-The graph takes N×3×S×S images in [−1, 1] (our :class:`~lblctl.data.Preprocess`) and returns the
+The graph takes N×3×S×S images in [−1, 1] (our :class:`~lblctl.data.faces.Preprocess`) and returns the
 raw embedding, like insightface's recognition models. The backbone's preprocessing and
 provenance go into the ONNX metadata (``lblctl.*`` keys), so ``--backbone model.onnx`` embeds
 exactly as the ``backbone.pt`` did.
@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .artifacts import atomic_open, fingerprint_file
-from .backbone import load_backbone
-from .data import load_image
-from .errors import LblError
-from .onnx_backbone import META_PREFIX, load_onnx_backbone
+from lblctl import __version__
+from lblctl.core.artifacts import atomic_open, fingerprint_file
+from lblctl.core.errors import LblError
+from lblctl.data.faces import load_image
+from lblctl.models.checkpoint import load_backbone
+from lblctl.models.onnx import META_PREFIX, load_onnx_backbone
 
 
 def _export_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int, dynamic: bool) -> bytes:

@@ -1,6 +1,6 @@
 """ONNX recognition models (insightface's model zoo, ``lblctl export``) run with onnxruntime.
 
-:class:`OnnxBackbone` has the interface of :class:`lblctl.backbone.Backbone` (``embed``,
+:class:`OnnxBackbone` has the interface of :class:`lblctl.models.checkpoint.Backbone` (``embed``,
 ``preprocess``, ``embedding_size``, ``fingerprint``), so every stage that embeds takes either.
 Preprocessing is insightface's: RGB at the graph's input size (112×112 for the zoo),
 (x − 127.5) / 127.5, or raw 0–255 for the old MXNet exports whose graph starts with Sub/Mul
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .artifacts import fingerprint_file
-from .data import Preprocess
-from .errors import IncompatibleArtifact, LblError
+from lblctl.core.artifacts import fingerprint_file
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.data.faces import Preprocess
 
 META_PREFIX = "lblctl."
 
@@ -71,7 +71,7 @@ def _with_symbolic_batch(model) -> bytes:
 
 @dataclass
 class OnnxBackbone:
-    """An ONNX embedding model behind the :class:`~lblctl.backbone.Backbone` interface."""
+    """An ONNX embedding model behind the :class:`~lblctl.models.checkpoint.Backbone` interface."""
 
     session: Any
     input_name: str

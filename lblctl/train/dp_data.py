@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import torch
 
-from .data import FaceIndex, ImageProblem, Preprocess, ProblemLog, load_image
-from .errors import LblError
-from .strings import StringArray
+from lblctl.core.errors import LblError
+from lblctl.core.strings import StringArray
+from lblctl.data.faces import FaceIndex, ImageProblem, Preprocess, ProblemLog, load_image
 
 
 class ImageSource:

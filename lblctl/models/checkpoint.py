@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .artifacts import atomic_open, fingerprint_file
-from .data import Preprocess
-from .errors import IncompatibleArtifact, LblError
-from .models import create_backbone
+from lblctl import __version__
+from lblctl.core.artifacts import atomic_open, fingerprint_file
+from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.data.faces import Preprocess
+from lblctl.models.backbones import create_backbone
 
 FORMAT = "lblctl-backbone/1"
 FILENAME = "backbone.pt"
@@ -123,7 +123,7 @@ def open_backbone(path: str | os.PathLike, device: torch.device | str = "cpu",
     Both kinds have ``embed(images, flip)``, ``preprocess``, ``embedding_size`` and ``fingerprint``.
     """
     if Path(path).suffix.lower() == ".onnx":
-        from .onnx_backbone import load_onnx_backbone
+        from lblctl.models.onnx import load_onnx_backbone
 
         return load_onnx_backbone(path, device, expect_embedding_size)
     return load_backbone(path, device, expect_embedding_size)

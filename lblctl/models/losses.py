@@ -5,7 +5,7 @@ labels)`` → :class:`HeadOutput`): ``pretrain`` passes its own classifier param
 the K prototypes gathered from the store. The other losses (centre, triplet, pair verification)
 work on the batch's embeddings and labels alone; :class:`Objective` adds them up the way
 ``pretrain --loss NAME`` asks, and keeps every piece of state (classifier, centres, pair head) in
-modules that the :class:`~lblctl.engine.Trainer` checkpoints.
+modules that the :class:`~lblctl.train.engine.Trainer` checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LblError
+from lblctl.core.errors import LblError
 
 
 class HeadOutput(NamedTuple):

@@ -1,0 +1,1 @@
+"""Inputs: identity folders and CSVs, pairs CSVs, features files (one reader each)."""

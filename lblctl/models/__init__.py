@@ -1,0 +1,1 @@
+"""Backbones (registry), losses and margin heads, checkpoints, ONNX in and out, embedding."""
