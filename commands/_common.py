@@ -1,33 +1,117 @@
-"""Options every stage shares, and the start/finish of a stage run."""
+"""Options the commands share, declared once, and the one way a command starts, runs and prints.
+
+Nothing heavy is imported here (no torch): ``lblctl STAGE --help`` loads this module.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from lblctl.core import ui
-from lblctl.core.runtime import resolve_device, seed_everything
 
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when present).",
-                                     rich_help_panel="Common")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (runs are repeatable on CPU).",
-                                   rich_help_panel="Common")]
-Json = Annotated[bool, typer.Option("--json", help="Print the run's summary as one JSON object on stdout.",
-                                    rich_help_panel="Common")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or human output.",
-                                     rich_help_panel="Common")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.", rich_help_panel="Common")]
+if TYPE_CHECKING:
+    from lblctl.core.summary import Summary
+
+Opt = typer.Option
+
+# the common options: every command has them, added by @stage_command
+Device = Annotated[str, Opt("--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when present).",
+                            rich_help_panel="Common")]
+Seed = Annotated[int, Opt("--seed", help="Random seed (runs are repeatable on CPU).", rich_help_panel="Common")]
+Json = Annotated[bool, Opt("--json", help="Print the run's summary as one JSON object on stdout.",
+                           rich_help_panel="Common")]
+Quiet = Annotated[bool, Opt("--quiet", "-q", help="No progress bars or human output.", rich_help_panel="Common")]
+Debug = Annotated[bool, Opt("--debug", help="Show full tracebacks on errors.", rich_help_panel="Common")]
+
+# options several commands share
+Workers = Annotated[int, Opt(help="DataLoader worker processes (-1 = cores − 1).")]
+BatchSize = Annotated[int, Opt(help="Images per forward pass.")]
+Flip = Annotated[bool, Opt("--flip", help="Average each embedding with its mirror image.")]
+CenterCrop = Annotated[float | None, Opt(help="Override the backbone's centre crop (ONNX models default to 1.0).")]
+AnyBackbone = Annotated[Path, Opt("--backbone", help="RUN folder, backbone.pt or an ONNX model.")]
+IdsData = Annotated[Path, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")]
+RunOut = Annotated[Path, Opt("--out", help="Run folder to write (backbone.pt, checkpoints, log).")]
+Resume = Annotated[bool, Opt("--resume", help="Continue from OUT's newest checkpoint.")]
+# the training loop's options (pretrain and train-dp)
+Steps = Annotated[int, Opt(help="Optimisation steps (when --epochs is 0).")]
+WeightDecay = Annotated[float, Opt(help="Backbone weight decay (not on the classifier).")]
+Schedule = Annotated[str, Opt(help="cosine, step or constant.")]
+Warmup = Annotated[int, Opt(help="Linear LR warm-up steps.")]
+GradClip = Annotated[float, Opt(help="Max gradient norm (0 = off).")]
+Amp = Annotated[str, Opt(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
+CheckpointEvery = Annotated[int, Opt(help="Checkpoint every N steps (0 = at the end only).")]
+LogEvery = Annotated[int, Opt(help="Write log.jsonl every N steps.")]
 
 
-def start(device: str, seed: int, quiet: bool) -> torch.device:
-    """Apply the common options; returns the device to run on (errors before any work)."""
+@dataclass(frozen=True)
+class Common:
+    """The common options as a command body sees them, the device already resolved."""
+
+    device: Any  # torch.device
+    seed: int
+    json: bool
+    quiet: bool
+
+
+_COMMON = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
+           for name, ann, default in (("device", Device, "auto"), ("seed", Seed, 0), ("json_out", Json, False),
+                                      ("quiet", Quiet, False), ("debug", Debug, False))]
+
+
+def stage_command(title: str) -> Callable[[Callable[..., Summary]], Callable[..., None]]:
+    """Turn ``body(..., common: Common) -> Summary`` into a Typer command with the common options.
+
+    The command applies --quiet, resolves --device and seeds everything before the body runs (bad
+    input stops before any work), then prints the Summary: JSON with --json, else its table.
+    """
+
+    def wrap(body: Callable[..., Summary]) -> Callable[..., None]:
+        sig = inspect.signature(body, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "common"]
+
+        def command(**kw: Any) -> None:
+            device, seed, as_json, quiet = kw.pop("device"), kw.pop("seed"), kw.pop("json_out"), kw.pop("quiet")
+            kw.pop("debug")
+            common = Common(device=start(device, seed, quiet), seed=seed, json=as_json, quiet=quiet)
+            finish(body(**kw, common=common), title, as_json)
+
+        command.__name__, command.__doc__, command.__module__ = body.__name__, body.__doc__, body.__module__
+        command.__signature__ = sig.replace(parameters=own + _COMMON, return_annotation=None)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + _COMMON}
+        return command
+
+    return wrap
+
+
+def start(device: str, seed: int, quiet: bool) -> Any:
+    """Apply the common options; returns the torch.device to run on (errors before any work)."""
+    from lblctl.core.runtime import resolve_device, seed_everything
+
     ui.set_quiet(quiet)
     dev = resolve_device(device)
     seed_everything(seed)
     return dev
 
 
-def finish(summary: dict[str, Any], title: str, as_json: bool) -> None:
-    ui.print_summary(summary, title, as_json)
+def finish(summary: Summary | dict[str, Any], title: str, as_json: bool) -> None:
+    """Print a run's Summary (JSON figures, or its table, notes and warnings) and end with its exit code."""
+    figures = getattr(summary, "figures", summary)
+    table = getattr(summary, "table", None)
+    if as_json or table is None:
+        ui.print_summary(figures, title, as_json)
+    elif not ui.is_quiet():
+        ui.console.print(table)
+    if not as_json and not ui.is_quiet():
+        for note in getattr(summary, "notes", []):
+            ui.info(note)
+        for warning in getattr(summary, "warnings", []):
+            ui.warn(warning)
+    code = getattr(summary, "exit_code", 0)
+    if code:
+        raise typer.Exit(code)

@@ -25,18 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
+from ._common import Common, Opt, stage_command
 
-from lblctl.stages.align import AlignConfig, align
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Detect faces and crop them to the ArcFace 112×112 template, with a report of failures."
-
-
-Opt = typer.Option
-DataOpt = Annotated[Path, Opt("--data", help="Raw photos: folders DATA/IDENTITY/IMAGE or a CSV.")]
-OutOpt = Annotated[Path, Opt("--out", help="Folder for the aligned crops, report and quarantine.")]
 ModelOpt = Annotated[Path | None, Opt(help="Detector ONNX file for scrfd/yunet, e.g. "
                                       "../shared/models/scrfd_500m.onnx or ../shared/models/yunet.onnx.")]
 MinScoreOpt = Annotated[float | None, Opt(help="Quarantine faces scoring below this "
@@ -46,9 +36,10 @@ DetSizeOpt = Annotated[int, Opt(help="Detector input side: 0 = the photo's own s
                                 "and misses tight crops), YuNet's longest side.")]
 
 
+@stage_command("align")
 def main(
-    data: DataOpt,
-    out: OutOpt,
+    data: Annotated[Path, Opt("--data", help="Raw photos: folders DATA/IDENTITY/IMAGE or a CSV.")],
+    out: Annotated[Path, Opt("--out", help="Folder for the aligned crops, report and quarantine.")],
     detector: Annotated[str, Opt(help="scrfd, yunet, landmarks (your CSV) or none (aligned).")] = "scrfd",
     model: ModelOpt = None,
     landmarks: Annotated[Path | None, Opt(help="CSV image,x1,y1,…,x5,y5 for --detector landmarks.")] = None,
@@ -64,15 +55,12 @@ def main(
                                 "(-1 = one per core, at most 8).")] = -1,
     threads: Annotated[int, Opt(help="onnxruntime/OpenCV threads per worker (0 = cores ÷ workers).")] = 0,
     force: Annotated[bool, Opt("--force", help="Redo every photo, even those already aligned.")] = False,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    cfg = AlignConfig(data=data, out=out, detector=detector, model=model, landmarks=landmarks, size=size,
-                      fmt=fmt, pick=pick, min_score=min_score, min_size=min_size, det_size=det_size,
-                      copy_quarantine=not no_copy, workers=workers, threads=threads, force=force,
-                      use_cuda=dev.type == "cuda")
-    finish(align(cfg), "align", json_out)
+    *,
+    common: Common,
+):
+    from lblctl.stages.align import AlignConfig, run
+
+    return run(AlignConfig(data=data, out=out, detector=detector, model=model, landmarks=landmarks, size=size,
+                           fmt=fmt, pick=pick, min_score=min_score, min_size=min_size, det_size=det_size,
+                           copy_quarantine=not no_copy, workers=workers, threads=threads, force=force),
+               common.device)

@@ -17,38 +17,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.stages.index import BuildIndexConfig, build_store_index
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "k-NN over the prototypes (faiss): candidate/dominant queues and a duplicate-identity report."
+from ._common import Common, Opt, stage_command
 
 
+@stage_command("build-index")
 def main(
-    store: Annotated[Path, typer.Option("--store", help="Prototype store folder (from `lblctl imprint`).")],
-    candidates: Annotated[int, typer.Option("--candidates", help="Candidate queue length cq.")] = 50,
-    dominant: Annotated[int, typer.Option("--dominant", help="Dominant queue length dq (≤ cq).")] = 20,
-    index: Annotated[str, typer.Option("--index", help="auto | flat (exact) | ivf | ivfpq | hnsw.")] = "auto",
-    nlist: Annotated[int, typer.Option(help="IVF lists (0 = about 2√N).")] = 0,
-    nprobe: Annotated[int, typer.Option(help="IVF lists probed per query (0 = 8 for ivf, 32 for ivfpq).")] = 0,
-    ef_search: Annotated[int, typer.Option(help="HNSW efSearch (0 = max(64, 2·(cq+1))).")] = 0,
-    dup_threshold: Annotated[float | None, typer.Option(
+    store: Annotated[Path, Opt("--store", help="Prototype store folder (from `lblctl imprint`).")],
+    candidates: Annotated[int, Opt("--candidates", help="Candidate queue length cq.")] = 50,
+    dominant: Annotated[int, Opt("--dominant", help="Dominant queue length dq (≤ cq).")] = 20,
+    index: Annotated[str, Opt("--index", help="auto | flat (exact) | ivf | ivfpq | hnsw.")] = "auto",
+    nlist: Annotated[int, Opt(help="IVF lists (0 = about 2√N).")] = 0,
+    nprobe: Annotated[int, Opt(help="IVF lists probed per query (0 = 8 for ivf, 32 for ivfpq).")] = 0,
+    ef_search: Annotated[int, Opt(help="HNSW efSearch (0 = max(64, 2·(cq+1))).")] = 0,
+    dup_threshold: Annotated[float | None, Opt(
         help="Report identity pairs with cosine ≥ this (default: median + 6·1.4826·MAD of the "
              "nearest-neighbour scores, at most 0.999).")] = None,
-    dup_html: Annotated[bool, typer.Option("--dup-html", help="Also write duplicates.html with the ID photos "
-                                           "of each pair side by side.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Queries per search batch.")] = 4096,
-    recall_rows: Annotated[int, typer.Option(help="Random rows checked against exact search.")] = 1000,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    cfg = BuildIndexConfig(store=store, candidates=candidates, dominant=dominant, index=index, nlist=nlist,
-                           nprobe=nprobe, ef_search=ef_search, dup_threshold=dup_threshold, dup_html=dup_html,
-                           batch_size=batch_size, recall_rows=recall_rows, seed=seed)
-    finish(build_store_index(cfg, use_gpu=dev.type == "cuda"), "build-index", json_out)
+    dup_html: Annotated[bool, Opt("--dup-html", help="Also write duplicates.html with the ID photos "
+                                  "of each pair side by side.")] = False,
+    batch_size: Annotated[int, Opt(help="Queries per search batch.")] = 4096,
+    recall_rows: Annotated[int, Opt(help="Random rows checked against exact search.")] = 1000,
+    *,
+    common: Common,
+):
+    from lblctl.stages.index import BuildIndexConfig, run
+
+    return run(BuildIndexConfig(store=store, candidates=candidates, dominant=dominant, index=index, nlist=nlist,
+                                nprobe=nprobe, ef_search=ef_search, dup_threshold=dup_threshold, dup_html=dup_html,
+                                batch_size=batch_size, recall_rows=recall_rows, seed=common.seed), common.device)

@@ -19,49 +19,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.core import ui
-from lblctl.core.runtime import default_workers
-from lblctl.stages.evaluate import EvalConfig, evaluate, metrics_table
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Verification (TAR@FAR, EER, 10-fold) and identification (top-1/5) figures."
+from ._common import AnyBackbone, BatchSize, CenterCrop, Common, Flip, Opt, Workers, stage_command
 
 
+@stage_command("eval")
 def main(
-    backbone: Annotated[Path, typer.Option("--backbone", help="RUN folder, backbone.pt or an ONNX model.")],
-    out: Annotated[Path, typer.Option("--out", help="Report folder to write (metrics.json, roc.png, …).")],
-    pairs: Annotated[Path | None, typer.Option(help="Labelled pairs CSV id_image,spot_image,same[,fold].")] = None,
-    data: Annotated[Path | None, typer.Option(help="Identity folders (or CSV): ID photos = gallery, "
-                                              "spot photos = probes.")] = None,
-    gallery: Annotated[Path | None, typer.Option(help="Gallery CSV identity,image.")] = None,
-    probes: Annotated[Path | None, typer.Option(help="Probe CSV identity,image.")] = None,
-    store: Annotated[Path | None, typer.Option(help="Prototype store as the gallery.")] = None,
-    flip: Annotated[bool, typer.Option("--flip", help="Average each embedding with its mirror image.")] = False,
-    center_crop: Annotated[float | None, typer.Option(help="Override the backbone's centre crop "
-                                                      "(ONNX models default to 1.0).")] = None,
-    folds: Annotated[int, typer.Option(help="Folds when the pairs CSV has no fold column.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    cfg = EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
-                     store=store, flip=flip, batch_size=batch_size,
-                     workers=default_workers(workers), center_crop=center_crop,
-                     folds=folds, seed=seed)
-    summary, metrics, reasons = evaluate(cfg, dev)
-    if json_out:
-        finish(summary, "eval", True)
-        return
-    if not quiet:
-        ui.console.print(metrics_table(metrics, reasons))
-        ui.info(f"report: {out}/metrics.json" + (", roc.png, scores_hist.png" if "verification" in metrics else ""))
-        if summary["problems"]["count"]:
-            ui.warn(f"{summary['problems']['count']} unreadable images or skipped rows; see {out}/problems.csv")
+    backbone: AnyBackbone,
+    out: Annotated[Path, Opt("--out", help="Report folder to write (metrics.json, roc.png, …).")],
+    pairs: Annotated[Path | None, Opt(help="Labelled pairs CSV id_image,spot_image,same[,fold].")] = None,
+    data: Annotated[Path | None, Opt(help="Identity folders (or CSV): ID photos = gallery, "
+                                     "spot photos = probes.")] = None,
+    gallery: Annotated[Path | None, Opt(help="Gallery CSV identity,image.")] = None,
+    probes: Annotated[Path | None, Opt(help="Probe CSV identity,image.")] = None,
+    store: Annotated[Path | None, Opt(help="Prototype store as the gallery.")] = None,
+    flip: Flip = False,
+    center_crop: CenterCrop = None,
+    folds: Annotated[int, Opt(help="Folds when the pairs CSV has no fold column.")] = 10,
+    batch_size: BatchSize = 64,
+    workers: Workers = -1,
+    *,
+    common: Common,
+):
+    from lblctl.core.runtime import default_workers
+    from lblctl.stages.evaluate import EvalConfig, run
+
+    return run(EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
+                          store=store, flip=flip, batch_size=batch_size, workers=default_workers(workers),
+                          center_crop=center_crop, folds=folds, seed=common.seed), common.device)

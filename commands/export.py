@@ -16,31 +16,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.models.export import export_onnx
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Export a backbone to ONNX (dynamic batch), checked against PyTorch within 1e-4."
+from ._common import Common, Opt, stage_command
 
 
+@stage_command("export")
 def main(
-    backbone: Annotated[Path, typer.Option("--backbone", help="RUN folder or backbone.pt.")],
-    out: Annotated[Path, typer.Option("--out", help="ONNX file to write (model.onnx).")],
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    batch: Annotated[int, typer.Option(help="0 = dynamic batch; N = a fixed batch of N (some runtimes "
-                                       "want static shapes).")] = 0,
-    atol: Annotated[float, typer.Option(help="Largest allowed difference from PyTorch.")] = 1e-4,
-    check_images: Annotated[list[Path] | None, typer.Option("--check-image",
-                                                            help="Face photos to check on (repeatable).")] = None,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    start(device, seed, quiet)
-    summary = export_onnx(backbone, out, opset=opset, batch=batch, atol=atol,
-                          check_paths=[str(p) for p in check_images] if check_images else None)
-    finish(summary, "export", json_out)
+    backbone: Annotated[Path, Opt("--backbone", help="RUN folder or backbone.pt.")],
+    out: Annotated[Path, Opt("--out", help="ONNX file to write (model.onnx).")],
+    opset: Annotated[int, Opt(help="ONNX opset.")] = 17,
+    batch: Annotated[int, Opt(help="0 = dynamic batch; N = a fixed batch of N (some runtimes want static shapes).")]
+    = 0,
+    atol: Annotated[float, Opt(help="Largest allowed difference from PyTorch.")] = 1e-4,
+    check_images: Annotated[list[Path] | None, Opt("--check-image", help="Face photos to check on (repeatable).")]
+    = None,
+    *,
+    common: Common,
+):
+    from lblctl.stages.export import ExportConfig, run
+
+    return run(ExportConfig(backbone=backbone, out=out, opset=opset, batch=batch, atol=atol,
+                            check_images=check_images), common.device)

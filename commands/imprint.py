@@ -21,41 +21,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.core.runtime import default_workers
-from lblctl.stages.imprint import ImprintConfig, imprint
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Imprint a prototype store (one unit vector per identity) from photos or features."
+from ._common import BatchSize, Common, Opt, Workers, stage_command
 
 
+@stage_command("imprint")
 def main(
-    out: Annotated[Path, typer.Option("--out", help="Store folder to write (prototypes.h5, manifest.json).")],
-    data: Annotated[Path | None, typer.Option("--data", help="Identity folders DATA/IDENTITY/IMAGE "
-                                              "or a CSV identity,image[,kind].")] = None,
-    backbone: Annotated[Path | None, typer.Option("--backbone", help="RUN/backbone.pt or the RUN folder "
-                                                  "(with --features: optional, ties the store to it).")] = None,
-    features: Annotated[Path | None, typer.Option("--features", help="HDF5 with 'features' M×D and "
-                                                  "'identities' M, instead of --data.")] = None,
-    photos: Annotated[str, typer.Option(help="Which photos to imprint from: id, spot or all.")] = "id",
-    flip: Annotated[bool, typer.Option("--flip", help="Average each photo with its mirror image.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
-    dtype: Annotated[str, typer.Option(help="Row type in the store: float32 or float16 (half the disk).")]
-    = "float32",
-    momentum: Annotated[bool, typer.Option("--momentum/--no-momentum", help="Keep per-identity SGD momentum "
-                                           "beside the prototypes for train-dp (doubles the store).")] = True,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted imprint in OUT.")] = False,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    cfg = ImprintConfig(out=out, data=data, backbone=backbone, features=features, photos=photos, flip=flip,
-                        batch_size=batch_size, workers=default_workers(workers),
-                        dtype=dtype, momentum=momentum, resume=resume)
-    finish(imprint(cfg, dev), "imprint", json_out)
+    out: Annotated[Path, Opt("--out", help="Store folder to write (prototypes.h5, manifest.json).")],
+    data: Annotated[Path | None, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE "
+                                     "or a CSV identity,image[,kind].")] = None,
+    backbone: Annotated[Path | None, Opt("--backbone", help="RUN/backbone.pt or the RUN folder "
+                                         "(with --features: optional, ties the store to it).")] = None,
+    features: Annotated[Path | None, Opt("--features", help="HDF5 with 'features' M×D and "
+                                         "'identities' M, instead of --data.")] = None,
+    photos: Annotated[str, Opt(help="Which photos to imprint from: id, spot or all.")] = "id",
+    flip: Annotated[bool, Opt("--flip", help="Average each photo with its mirror image.")] = False,
+    batch_size: BatchSize = 64,
+    workers: Workers = -1,
+    dtype: Annotated[str, Opt(help="Row type in the store: float32 or float16 (half the disk).")] = "float32",
+    momentum: Annotated[bool, Opt("--momentum/--no-momentum", help="Keep per-identity SGD momentum "
+                                  "beside the prototypes for train-dp (doubles the store).")] = True,
+    resume: Annotated[bool, Opt("--resume", help="Continue an interrupted imprint in OUT.")] = False,
+    *,
+    common: Common,
+):
+    from lblctl.core.runtime import default_workers
+    from lblctl.stages.imprint import ImprintConfig, run
+
+    return run(ImprintConfig(out=out, data=data, backbone=backbone, features=features, photos=photos, flip=flip,
+                             batch_size=batch_size, workers=default_workers(workers), dtype=dtype,
+                             momentum=momentum, resume=resume), common.device)

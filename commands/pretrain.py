@@ -18,113 +18,95 @@ Continue a killed run with the same command plus --resume.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
-import typer
+from ._common import (
+    Amp,
+    CheckpointEvery,
+    Common,
+    GradClip,
+    IdsData,
+    LogEvery,
+    Opt,
+    Resume,
+    RunOut,
+    Schedule,
+    Steps,
+    Warmup,
+    WeightDecay,
+    Workers,
+    stage_command,
+)
 
-from lblctl.core.errors import LblError
-from lblctl.core.runtime import default_workers
-from lblctl.models.backbones import list_backbones
-from lblctl.stages.pretrain import PretrainConfig, pretrain
-from lblctl.train.engine import TrainConfig
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Train a backbone (small_cnn, iresnet…) with a margin softmax on labelled faces."
+Backbones = "iresnet18, iresnet34, iresnet50, iresnet100, mobilefacenet, small_cnn"  # a test checks the registry
 
 
+def _loss(flags: list[str], kind: type, help: str) -> object:
+    return Annotated[kind | None, Opt(*flags, help=help, rich_help_panel="Loss")]
+
+
+@stage_command("pretrain")
 def main(
-    data: Annotated[Path, typer.Option("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder to write (backbone.pt, checkpoints, log).")],
-    arch: Annotated[str, typer.Option(help=f"Backbone: {', '.join(list_backbones())}.")] = "small_cnn",
-    embedding_size: Annotated[int, typer.Option(help="Embedding dimension.")] = 512,
-    input_size: Annotated[int, typer.Option(help="Input side in pixels (0 = the arch's default).")] = 0,
-    center_crop: Annotated[float, typer.Option(help="Keep this central fraction of each image first "
-                                               "(0.6 for un-aligned LFW-a; 1.0 for aligned crops).")] = 1.0,
-    width: Annotated[int, typer.Option(help="small_cnn base width (channels of the first convs).")] = 32,
-    loss: Annotated[str, typer.Option(help="cosface (AM-softmax), arcface, combined (m1,m2,m3), center "
-                                      "(softmax + λ·centre), pair (softmax + w·same/different head; "
-                                      "needs P×K), triplet (needs P×K).")] = "cosface",
-    scale: Annotated[float | None, typer.Option("--scale", "-s", help="Margin-softmax scale s "
-                                                "(default 24 for cosface, 64 for arcface/combined).",
-                                                rich_help_panel="Loss")] = None,
-    margin: Annotated[float | None, typer.Option("--margin", "-m", help="Margin m (default 0.2 cosface, "
-                                                 "0.5 arcface).", rich_help_panel="Loss")] = None,
-    m1: Annotated[float | None, typer.Option("--m1", help="combined: angle multiplier (default 1.0).",
-                                             rich_help_panel="Loss")] = None,
-    m2: Annotated[float | None, typer.Option("--m2", help="combined: additive angle (default 0.3).",
-                                             rich_help_panel="Loss")] = None,
-    m3: Annotated[float | None, typer.Option("--m3", help="combined: additive cosine (default 0.2).",
-                                             rich_help_panel="Loss")] = None,
-    head: Annotated[str | None, typer.Option("--head", help="center/pair: the softmax head, cosface, "
-                                             "arcface or combined (default cosface).",
-                                             rich_help_panel="Loss")] = None,
-    center_alpha: Annotated[float | None, typer.Option("--center-alpha", help="center: centres' own "
-                                                       "learning rate α (default 0.5).",
-                                                       rich_help_panel="Loss")] = None,
-    center_weight: Annotated[float | None, typer.Option("--center-weight", help="center: weight λ of the "
-                                                        "centre loss (default 0.1).",
-                                                        rich_help_panel="Loss")] = None,
-    pair_weight: Annotated[float | None, typer.Option("--pair-weight", help="pair: weight of the "
-                                                      "same/different loss (default 0.5).",
-                                                      rich_help_panel="Loss")] = None,
-    triplet_margin: Annotated[float | None, typer.Option("--triplet-margin", help="triplet: margin α on "
-                                                         "squared distances (default 0.2).",
-                                                         rich_help_panel="Loss")] = None,
-    mining: Annotated[str | None, typer.Option("--mining", help="triplet: semihard (FaceNet, default) or "
-                                               "batchhard.", rich_help_panel="Loss")] = None,
-    pk_identities: Annotated[int, typer.Option("--pk-identities", help="P×K batches: P identities per "
-                                               "batch (with --pk-images).", rich_help_panel="Loss")] = 0,
-    pk_images: Annotated[int, typer.Option("--pk-images", help="P×K batches: K photos per identity.",
-                                           rich_help_panel="Loss")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per step (0 = 128, or P·K with --pk-*).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Epochs (overrides --steps when > 0).")] = 0,
-    steps: Annotated[int, typer.Option(help="Optimisation steps (when --epochs is 0).")] = 1000,
-    lr: Annotated[float, typer.Option(help="Base learning rate.")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on the classifier).")] = 5e-4,
-    schedule: Annotated[str, typer.Option(help="cosine, step or constant.")] = "cosine",
-    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 0,
-    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 = off).")] = 5.0,
-    amp: Annotated[str, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")] = "auto",
-    val_fraction: Annotated[float, typer.Option(help="Fraction of identities with ≥2 photos held out.")
-                            ] = 0.1,
-    min_images: Annotated[int, typer.Option(help="Train only on identities with at least this many photos.")
-                          ] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0 = at the end only).")
-                                ] = 0,
-    log_every: Annotated[int, typer.Option(help="Write log.jsonl every N steps.")] = 10,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's newest checkpoint.")] = False,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    if pk_identities or pk_images:
-        if batch_size and batch_size != pk_identities * pk_images:
-            raise LblError(f"--batch-size {batch_size}: with --pk-identities {pk_identities} --pk-images "
-                           f"{pk_images} a batch holds {pk_identities * pk_images}; drop --batch-size")
-        batch_size = pk_identities * pk_images
-    batch_size = batch_size or 128
-    if batch_size < 2:
-        raise LblError(f"--batch-size {batch_size}: need at least 2")
-    loss_kwargs = {"s": scale, "m": margin, "m1": m1, "m2": m2, "m3": m3, "head": head,
-                   "center_alpha": center_alpha, "center_weight": center_weight, "pair_weight": pair_weight,
-                   "triplet_margin": triplet_margin, "mining": mining}
-    cfg = PretrainConfig(
+    data: IdsData,
+    out: RunOut,
+    arch: Annotated[str, Opt(help=f"Backbone: {Backbones}.")] = "small_cnn",
+    embedding_size: Annotated[int, Opt(help="Embedding dimension.")] = 512,
+    input_size: Annotated[int, Opt(help="Input side in pixels (0 = the arch's default).")] = 0,
+    center_crop: Annotated[float, Opt(help="Keep this central fraction of each image first "
+                                      "(0.6 for un-aligned LFW-a; 1.0 for aligned crops).")] = 1.0,
+    width: Annotated[int, Opt(help="small_cnn base width (channels of the first convs).")] = 32,
+    loss: Annotated[str, Opt(help="cosface (AM-softmax), arcface, combined (m1,m2,m3), center (softmax + λ·centre), "
+                             "pair (softmax + w·same/different head; needs P×K), triplet (needs P×K).")] = "cosface",
+    scale: _loss(["--scale", "-s"], float, "Margin-softmax scale s (default 24 for cosface, 64 for arcface/combined).")
+    = None,
+    margin: _loss(["--margin", "-m"], float, "Margin m (default 0.2 cosface, 0.5 arcface).") = None,
+    m1: _loss(["--m1"], float, "combined: angle multiplier (default 1.0).") = None,
+    m2: _loss(["--m2"], float, "combined: additive angle (default 0.3).") = None,
+    m3: _loss(["--m3"], float, "combined: additive cosine (default 0.2).") = None,
+    head: _loss(["--head"], str, "center/pair: the softmax head, cosface, arcface or combined (default cosface).")
+    = None,
+    center_alpha: _loss(["--center-alpha"], float, "center: centres' own learning rate α (default 0.5).") = None,
+    center_weight: _loss(["--center-weight"], float, "center: weight λ of the centre loss (default 0.1).") = None,
+    pair_weight: _loss(["--pair-weight"], float, "pair: weight of the same/different loss (default 0.5).") = None,
+    triplet_margin: _loss(["--triplet-margin"], float, "triplet: margin α on squared distances (default 0.2).")
+    = None,
+    mining: _loss(["--mining"], str, "triplet: semihard (FaceNet, default) or batchhard.") = None,
+    pk_identities: Annotated[int, Opt("--pk-identities", help="P×K batches: P identities per batch (with "
+                                      "--pk-images).", rich_help_panel="Loss")] = 0,
+    pk_images: Annotated[int, Opt("--pk-images", help="P×K batches: K photos per identity.",
+                                  rich_help_panel="Loss")] = 0,
+    batch_size: Annotated[int, Opt(help="Images per step (0 = 128, or P·K with --pk-*).")] = 0,
+    epochs: Annotated[int, Opt(help="Epochs (overrides --steps when > 0).")] = 0,
+    steps: Steps = 1000,
+    lr: Annotated[float, Opt(help="Base learning rate.")] = 0.1,
+    optimizer: Annotated[str, Opt(help="sgd or adamw.")] = "sgd",
+    weight_decay: WeightDecay = 5e-4,
+    schedule: Schedule = "cosine",
+    warmup_steps: Warmup = 0,
+    grad_clip: GradClip = 5.0,
+    amp: Amp = "auto",
+    val_fraction: Annotated[float, Opt(help="Fraction of identities with ≥2 photos held out.")] = 0.1,
+    min_images: Annotated[int, Opt(help="Train only on identities with at least this many photos.")] = 1,
+    checkpoint_every: CheckpointEvery = 0,
+    log_every: LogEvery = 10,
+    workers: Workers = -1,
+    resume: Resume = False,
+    *,
+    common: Common,
+):
+    from lblctl.core.runtime import default_workers
+    from lblctl.stages.pretrain import PretrainConfig, run
+    from lblctl.train.engine import TrainConfig
+
+    loss_kwargs = {"s": scale, "m": margin, "m1": m1, "m2": m2, "m3": m3, "head": head, "center_alpha": center_alpha,
+                   "center_weight": center_weight, "pair_weight": pair_weight, "triplet_margin": triplet_margin,
+                   "mining": mining}
+    train = TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                        warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
+                        log_every=log_every, seed=common.seed)
+    return run(PretrainConfig(
         data=data, out=out, arch=arch, embedding_size=embedding_size, input_size=input_size or None,
-        center_crop=center_crop, arch_kwargs={"width": width} if arch == "small_cnn" else {},
-        loss=loss, loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None},
-        batch_size=batch_size, pk_identities=pk_identities, pk_images=pk_images,
-        epochs=epochs or None, val_fraction=val_fraction, min_images=min_images,
-        workers=default_workers(workers), resume=resume,
-        train=TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                          schedule=schedule,
-                          warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed),
-    )
-    finish(pretrain(cfg, dev), "pretrain", json_out)
+        center_crop=center_crop, arch_kwargs={"width": width} if arch == "small_cnn" else {}, loss=loss,
+        loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None}, batch_size=batch_size,
+        pk_identities=pk_identities, pk_images=pk_images, epochs=epochs or None, val_fraction=val_fraction,
+        min_images=min_images, workers=default_workers(workers), resume=resume, train=train), common.device)

@@ -26,22 +26,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
+from ._common import (
+    Amp,
+    CheckpointEvery,
+    Common,
+    GradClip,
+    LogEvery,
+    Opt,
+    Resume,
+    RunOut,
+    Schedule,
+    Steps,
+    Warmup,
+    WeightDecay,
+    stage_command,
+)
 
-from lblctl.core.runtime import default_workers
-from lblctl.stages.train_dp import TrainDPConfig, train_dp
-from lblctl.train.engine import TrainConfig
 
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "DP-softmax: train over millions of identities with K prototypes on the device."
-
-Opt = typer.Option
-
-
+@stage_command("train-dp")
 def main(
     store: Annotated[Path, Opt("--store", help="Prototype store folder (imprint + build-index).")],
-    out: Annotated[Path, Opt("--out", help="Run folder to write (backbone.pt, checkpoints, log).")],
+    out: RunOut,
     data: Annotated[Path | None, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")] = None,
     backbone: Annotated[Path | None, Opt("--backbone", help="RUN/backbone.pt (or the RUN folder).")] = None,
     features: Annotated[Path | None, Opt("--features", help="Head-only: HDF5 features M×D + identities M.")] = None,
@@ -58,32 +63,30 @@ def main(
     head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
     projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
-    steps: Annotated[int, Opt(help="Optimisation steps (when --epochs is 0).")] = 1000,
+    steps: Steps = 1000,
     epochs: Annotated[int, Opt(help="Epochs: each trainable identity sampled once per epoch.")] = 0,
-    weight_decay: Annotated[float, Opt(help="Backbone weight decay.")] = 5e-4,
-    schedule: Annotated[str, Opt(help="cosine, step or constant.")] = "cosine",
-    warmup_steps: Annotated[int, Opt(help="Linear LR warm-up steps.")] = 0,
-    grad_clip: Annotated[float, Opt(help="Max gradient norm (0 = off).")] = 5.0,
-    amp: Annotated[str, Opt(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")] = "auto",
-    checkpoint_every: Annotated[int, Opt(help="Checkpoint every N steps (0 = at the end only).")] = 100,
-    log_every: Annotated[int, Opt(help="Write log.jsonl every N steps.")] = 10,
+    weight_decay: WeightDecay = 5e-4,
+    schedule: Schedule = "cosine",
+    warmup_steps: Warmup = 0,
+    grad_clip: GradClip = 5.0,
+    amp: Amp = "auto",
+    checkpoint_every: CheckpointEvery = 100,
+    log_every: LogEvery = 10,
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
-    resume: Annotated[bool, Opt("--resume", help="Continue from OUT's newest checkpoint.")] = False,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    cfg = TrainDPConfig(
+    resume: Resume = False,
+    *,
+    common: Common,
+):
+    from lblctl.core.runtime import default_workers
+    from lblctl.stages.train_dp import TrainDPConfig, run
+    from lblctl.train.engine import TrainConfig
+
+    train = TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
+                        warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
+                        log_every=log_every, seed=common.seed)
+    return run(TrainDPConfig(
         store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
         classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
         loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
-        projection=projection, epochs=epochs or None, workers=default_workers(workers),
-        resume=resume,
-        train=TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
-                          warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed),
-    )
-    finish(train_dp(cfg, dev), "train-dp", json_out)
+        projection=projection, epochs=epochs or None, workers=default_workers(workers), resume=resume,
+        train=train), common.device)

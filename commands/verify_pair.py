@@ -17,73 +17,37 @@ Example (CPU):
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.core.errors import LblError
-from lblctl.core.runtime import default_workers
-from lblctl.models.checkpoint import open_backbone
-from lblctl.stages.verify import (
-    backbone_identities,
-    make_dataset_factory,
-    threshold_from_calibration,
-    verify_pairs,
-    write_scores_manifest,
-)
-
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
-
-SHORT_HELP = "Score a CSV of ID/spot photo pairs: cosine, same/different at a threshold or FAR."
+from ._common import AnyBackbone, BatchSize, CenterCrop, Common, Flip, Opt, Workers, stage_command
 
 
+@stage_command("verify-pair")
 def main(
-    backbone: Annotated[Path, typer.Option("--backbone", help="RUN folder, backbone.pt or an ONNX model.")],
-    pairs: Annotated[Path, typer.Option("--pairs", help="Pairs CSV id_image,spot_image[,same].")],
-    out: Annotated[Path, typer.Option("--out", help="Scores CSV to write.")],
-    threshold: Annotated[float | None, typer.Option(help="Cosine threshold: score >= T is 'same'.")] = None,
-    far: Annotated[float | None, typer.Option(help="Pick the threshold at this FAR (1e-1 … 1e-6) "
-                                              "from --calibration.")] = None,
-    calibration: Annotated[Path | None, typer.Option(help="REPORT/metrics.json of lblctl eval "
-                                                     "with this backbone.")] = None,
-    flip: Annotated[bool, typer.Option("--flip", help="Average each embedding with its mirror image.")] = False,
-    center_crop: Annotated[float | None, typer.Option(help="Override the backbone's centre crop "
-                                                      "(ONNX models default to 1.0).")] = None,
-    align: Annotated[str | None, typer.Option(help="Align raw photos on the fly: scrfd or yunet "
-                                              "(for backbones trained on aligned 112×112 crops).")] = None,
-    align_model: Annotated[Path | None, typer.Option(help="The detector's ONNX file for --align.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    chunk_rows: Annotated[int, typer.Option(help="CSV rows read, scored and written at a time.")] = 8192,
-    cache_size: Annotated[int, typer.Option(help="Embeddings kept (LRU) across chunks; 0 = no cache.")] = 50_000,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
-    device: Device = "auto",
-    seed: Seed = 0,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    dev = start(device, seed, quiet)
-    if (threshold is None) == (far is None):
-        raise LblError("give either --threshold T or --far F with --calibration REPORT/metrics.json")
-    if far is not None and calibration is None:
-        raise LblError("--far needs --calibration REPORT/metrics.json (an eval report made with this backbone)")
-    if not pairs.is_file():
-        raise LblError(f"--pairs {pairs}: no such file")
-    bb = open_backbone(backbone, dev)
-    if center_crop is not None:
-        bb.preprocess = replace(bb.preprocess, center_crop=center_crop)
-    factory = make_dataset_factory(align, align_model, bb.preprocess)
-    if threshold is None:
-        threshold = threshold_from_calibration(calibration, far, backbone_identities(bb), flip)
-    summary = verify_pairs(bb, pairs, out, threshold, flip=flip, batch_size=batch_size,
-                           workers=default_workers(workers), chunk_rows=chunk_rows,
-                           cache_size=cache_size, dataset_factory=factory)
-    params = {"threshold": threshold, "far": far, "calibration": str(calibration) if calibration else None,
-              "flip": flip, "align": align, "align_model": str(align_model) if align_model else None,
-              "center_crop": 1.0 if factory else bb.preprocess.center_crop, "input_size": bb.preprocess.input_size}
-    write_scores_manifest(out, bb, pairs, params, summary)
-    if far is not None:
-        summary["threshold_from"] = f"FAR {far:g} in {calibration}"
-    finish(summary, "verify-pair", json_out)
+    backbone: AnyBackbone,
+    pairs: Annotated[Path, Opt("--pairs", help="Pairs CSV id_image,spot_image[,same].")],
+    out: Annotated[Path, Opt("--out", help="Scores CSV to write.")],
+    threshold: Annotated[float | None, Opt(help="Cosine threshold: score >= T is 'same'.")] = None,
+    far: Annotated[float | None, Opt(help="Pick the threshold at this FAR (1e-1 … 1e-6) from --calibration.")]
+    = None,
+    calibration: Annotated[Path | None, Opt(help="REPORT/metrics.json of lblctl eval with this backbone.")] = None,
+    flip: Flip = False,
+    center_crop: CenterCrop = None,
+    align: Annotated[str | None, Opt(help="Align raw photos on the fly: scrfd or yunet "
+                                     "(for backbones trained on aligned 112×112 crops).")] = None,
+    align_model: Annotated[Path | None, Opt(help="The detector's ONNX file for --align.")] = None,
+    batch_size: BatchSize = 64,
+    chunk_rows: Annotated[int, Opt(help="CSV rows read, scored and written at a time.")] = 8192,
+    cache_size: Annotated[int, Opt(help="Embeddings kept (LRU) across chunks; 0 = no cache.")] = 50_000,
+    workers: Workers = -1,
+    *,
+    common: Common,
+):
+    from lblctl.core.runtime import default_workers
+    from lblctl.stages.verify import VerifyConfig, run
+
+    return run(VerifyConfig(backbone=backbone, pairs=pairs, out=out, threshold=threshold, far=far,
+                            calibration=calibration, flip=flip, center_crop=center_crop, align=align,
+                            align_model=align_model, batch_size=batch_size, chunk_rows=chunk_rows,
+                            cache_size=cache_size, workers=default_workers(workers)), common.device)

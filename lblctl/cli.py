@@ -6,32 +6,81 @@ import importlib
 import sys
 
 import typer
+from typer.core import TyperGroup
+from typer.main import get_command_from_info
+from typer.models import CommandInfo
 
 from lblctl import __version__
 from lblctl.core import ui
 from lblctl.core.errors import LblError
 
-# (module in lblctl.commands, command name); a stage is listed here once it works.
-STAGES = [
-    ("align", "align"),
-    ("pretrain", "pretrain"),
-    ("imprint", "imprint"),
-    ("build_index", "build-index"),
-    ("train_dp", "train-dp"),
-    ("eval", "eval"),
-    ("verify_pair", "verify-pair"),
-    ("export", "export"),
-]
+# command name -> (module in lblctl.commands, short help). The module is imported only when its command
+# runs or shows its own --help, so that `lblctl --help` loads neither torch nor any stage.
+STAGES: dict[str, tuple[str, str]] = {
+    "align": ("align", "Detect faces and crop them to the ArcFace 112×112 template, with a report of failures."),
+    "pretrain": ("pretrain", "Train a backbone (small_cnn, iresnet…) with a margin softmax on labelled faces."),
+    "imprint": ("imprint", "Imprint a prototype store (one unit vector per identity) from photos or features."),
+    "build-index": ("build_index", "k-NN over the prototypes (faiss): candidate/dominant queues and a "
+                    "duplicate-identity report."),
+    "train-dp": ("train_dp", "DP-softmax: train over millions of identities with K prototypes on the device."),
+    "eval": ("eval", "Verification (TAR@FAR, EER, 10-fold) and identification (top-1/5) figures."),
+    "verify-pair": ("verify_pair", "Score a CSV of ID/spot photo pairs: cosine, same/different at a threshold "
+                    "or FAR."),
+    "export": ("export", "Export a backbone to ONNX (dynamic batch), checked against PyTorch within 1e-4."),
+}
+
+MARKUP = "markdown"
+
+
+class LazyStages(TyperGroup):
+    """The stage commands, each built from its module in ``lblctl.commands`` on first use.
+
+    While the group's own help is rendered, a command is a stand-in that carries only its short help.
+    """
+
+    _listing = False
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(STAGES)
+
+    def get_command(self, ctx: typer.Context, cmd_name: str):  # noqa: ANN201 (a click Command)
+        if cmd_name not in STAGES:
+            return None
+        module, short = STAGES[cmd_name]
+        if self._listing:
+            return typer.core.TyperCommand(name=cmd_name, short_help=short)
+        if cmd_name not in self.commands:
+            mod = importlib.import_module(f"lblctl.commands.{module}")
+            info = CommandInfo(name=cmd_name, callback=mod.main, help=mod.__doc__, short_help=short,
+                               no_args_is_help=True)
+            self.commands[cmd_name] = get_command_from_info(info, pretty_exceptions_short=True,
+                                                            rich_markup_mode=MARKUP)
+        return self.commands[cmd_name]
+
+    def get_help_option(self, ctx: typer.Context):  # noqa: ANN201
+        opt = super().get_help_option(ctx)
+        if opt is not None and opt.default is None:
+            opt.default = False  # an unset None is coerced through pydantic: +0.4 s to every `lblctl STAGE …`
+        return opt
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:  # noqa: ANN001
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
 
 app = typer.Typer(
     name="lblctl",
+    cls=LazyStages,
     help="Train face recognition for ID vs. spot at millions of identities with dominant-prototype "
     "softmax (DP-softmax). Stages chain through artifact folders: align → pretrain → imprint → "
     "build-index → train-dp → eval / verify-pair.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=MARKUP,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -47,11 +96,6 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """lblctl: ID vs. spot face recognition at scale."""
-
-
-for module, name in STAGES:
-    mod = importlib.import_module(f"lblctl.commands.{module}")
-    app.command(name=name, help=mod.__doc__, short_help=mod.SHORT_HELP, no_args_is_help=True)(mod.main)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,8 @@ from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.data.faces import load_image
 from lblctl.models.checkpoint import load_backbone, open_backbone
 from lblctl.models.export import export_onnx
-from lblctl.stages.evaluate import EvalConfig, evaluate
+from lblctl.stages.evaluate import EvalConfig
+from lblctl.stages.evaluate import run as evaluate
 from lblctl.stages.verify import EmbeddingCache, backbone_identities, threshold_from_calibration, verify_pairs
 
 from .conftest import copy_slice, lfw_identities
@@ -186,7 +187,7 @@ def test_threshold_from_calibration(tmp_path, faces):
         w = csv.DictWriter(fh, fieldnames=["id_image", "spot_image", "same", "note"])
         w.writeheader()
         w.writerows(rows + extra)
-    summary, metrics, _ = evaluate(EvalConfig(backbone=bb_path, out=tmp_path / "report",
+    metrics = evaluate(EvalConfig(backbone=bb_path, out=tmp_path / "report",
                                               pairs=tmp_path / "pairs.csv"), device=__import__("torch").device("cpu"))
     assert metrics["verification"]["impostor"] >= 10
     t = threshold_from_calibration(tmp_path / "report" / "metrics.json", 0.1,

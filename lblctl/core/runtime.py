@@ -51,3 +51,8 @@ def default_workers(requested: int = -1) -> int:
         return requested
     n = os.cpu_count() or 1
     return 0 if n <= 1 else min(8, n - 1)
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    """A stage's ``device`` argument: a torch.device as is, a string as ``--device`` takes it."""
+    return device if isinstance(device, torch.device) else resolve_device(device)

@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
 from lblctl.core.errors import LblError
 from lblctl.core.strings import StringArrayBuilder
+from lblctl.core.summary import Summary
 from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set
 from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
 
@@ -772,3 +773,10 @@ def _summary(index: FaceIndex, counts: dict[str, Counter[str]], todo: int, done:
 
 def config_dict(cfg: AlignConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def run(cfg: AlignConfig, device: Any = "auto") -> Summary:
+    """The align stage: detectors run on CUDA (onnxruntime) when ``device`` is a GPU."""
+    from lblctl.core.runtime import as_device
+
+    return Summary("align", align(replace(cfg, use_cuda=as_device(device).type == "cuda")))

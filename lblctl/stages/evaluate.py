@@ -22,6 +22,8 @@ from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.metrics import FAR_TARGETS, roc_curve, verification_metrics
+from lblctl.core.runtime import as_device
+from lblctl.core.summary import Summary
 from lblctl.data.faces import (
     FaceIndex,
     PairsFile,
@@ -295,8 +297,19 @@ def _probes(faces: FaceIndex, rows: np.ndarray, gallery_names: Any) -> tuple[lis
 # --------------------------------------------------------------------------- the stage
 
 
-def evaluate(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    """Run the evaluation; returns (summary, metrics as written, reasons for null TAR@FAR)."""
+def run(cfg: EvalConfig, device: torch.device | str = "auto") -> Summary:
+    """Run the evaluation: the figures (metrics.json's sections and null reasons) and a table of them."""
+    summary = _run(cfg, as_device(device))
+    out = Path(cfg.out)
+    notes = [f"report: {out}/metrics.json" + (", roc.png, scores_hist.png" if "verification" in summary else "")]
+    warnings = []
+    if summary["problems"]["count"]:
+        warnings.append(f"{summary['problems']['count']} unreadable images or skipped rows; see {out}/{PROBLEMS}")
+    table = metrics_table(summary, summary.get("null_reasons", {}))
+    return Summary("eval", summary, table=table, notes=notes, warnings=warnings)
+
+
+def _run(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     _check_options(cfg)
     backbone = open_backbone(cfg.backbone, device)
     if cfg.center_crop is not None:
@@ -319,8 +332,7 @@ def evaluate(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, Any], dic
             store.close()
 
 
-def _evaluate(cfg: EvalConfig, device: torch.device, backbone: Any,
-              store: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+def _evaluate(cfg: EvalConfig, device: torch.device, backbone: Any, store: Any) -> dict[str, Any]:
     # read identity inputs before any embedding, so that a bad CSV stops the run early
     faces = open_face_set(cfg.data) if cfg.data is not None else None
     gal_faces = read_identity_csv(cfg.gallery) if cfg.gallery is not None else None
@@ -390,7 +402,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, backbone: Any,
     if reasons:
         summary["null_reasons"] = reasons
     summary["problems"] = problems.summary(show=5)
-    return summary, metrics, reasons
+    return summary
 
 
 def metrics_table(metrics: dict[str, Any], reasons: dict[str, str]):

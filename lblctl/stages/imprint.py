@@ -29,6 +29,7 @@ from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, desc
 from lblctl.core.errors import LblError
 from lblctl.core.store import DTYPES, FILENAME, PrototypeStore
 from lblctl.core.strings import StringArrayBuilder, _hash64
+from lblctl.core.summary import Summary
 from lblctl.data.faces import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
 from lblctl.models.checkpoint import Backbone, open_backbone
 
@@ -362,3 +363,10 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
 
 def _as_bytes(s: Any) -> bytes:
     return s if isinstance(s, bytes) else str(s).encode("utf-8")
+
+
+def run(cfg: ImprintConfig, device: torch.device | str = "auto") -> Summary:
+    """The imprint stage: a prototype store from photos (with a backbone) or from a features file."""
+    from lblctl.core.runtime import as_device
+
+    return Summary("imprint", imprint(cfg, as_device(device)))

@@ -35,6 +35,7 @@ from lblctl.core import ui
 from lblctl.core.artifacts import _fsync_dir, atomic_write_json, describe_file, describe_input
 from lblctl.core.errors import LblError
 from lblctl.core.queues import QUEUES, Queues
+from lblctl.core.summary import Summary
 
 FLAT_MAX_ROWS = 50_000
 LOW_RECALL = 0.9  # below this build-index warns and suggests another index
@@ -595,3 +596,10 @@ def write_index_manifest(folder: Path, files: list[str], *, params: dict[str, An
     }
     atomic_write_json(folder / INDEX_MANIFEST, manifest)
     return manifest
+
+
+def run(cfg: BuildIndexConfig, device: Any = "auto") -> Summary:
+    """The build-index stage: faiss on the GPU when ``device`` is one (and faiss-gpu is installed)."""
+    from lblctl.core.runtime import as_device
+
+    return Summary("build-index", build_store_index(cfg, use_gpu=as_device(device).type == "cuda"))

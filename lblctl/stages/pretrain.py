@@ -7,7 +7,7 @@ Triplet and pair losses draw P identities × K photos per batch (:class:`PKBatch
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from lblctl.core import ui
 from lblctl.core.artifacts import describe_input, write_manifest
 from lblctl.core.errors import LblError
 from lblctl.core.metrics import kfold_accuracy
+from lblctl.core.runtime import as_device
+from lblctl.core.summary import Summary
 from lblctl.data.faces import (
     EpochBatchSampler,
     FaceDataset,
@@ -47,7 +49,7 @@ class PretrainConfig:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str = "cosface"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # s, m, m1…; unset = the loss's defaults
-    batch_size: int = 128
+    batch_size: int = 0  # 0 = 128, or P·K with pk_identities × pk_images
     pk_identities: int = 0  # P×K batches (needed by triplet and pair): P identities …
     pk_images: int = 0  # … × K photos each; the batch size is then P·K
     epochs: int | None = None
@@ -115,8 +117,28 @@ def check_loss_options(cfg: PretrainConfig) -> bool:
     return p > 0
 
 
+def batch_size_of(cfg: PretrainConfig) -> int:
+    """The batch size: P·K for P×K batches (a different explicit size is refused), else the given or 128."""
+    p, k, b = cfg.pk_identities, cfg.pk_images, cfg.batch_size
+    if p or k:
+        if b and b != p * k:
+            raise LblError(f"--batch-size {b}: with --pk-identities {p} --pk-images {k} a batch holds {p * k}; "
+                           "drop --batch-size")
+        b = p * k
+    b = b or 128
+    if b < 2:
+        raise LblError(f"--batch-size {b}: need at least 2")
+    return b
+
+
+def run(cfg: PretrainConfig, device: torch.device | str = "auto") -> Summary:
+    """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest."""
+    return Summary("pretrain", pretrain(cfg, as_device(device)))
+
+
 def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest; return a summary."""
+    cfg = replace(cfg, batch_size=batch_size_of(cfg))
     out = Path(cfg.out)
     use_pk = check_loss_options(cfg)
     if latest_checkpoint(out) is not None and not cfg.resume:

@@ -33,6 +33,7 @@ from lblctl.core.artifacts import describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
+from lblctl.core.summary import Summary
 from lblctl.data.faces import open_face_set
 from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
 from lblctl.models.losses import build_loss
@@ -407,3 +408,10 @@ def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int)
     qrec = [(r, v) for t, r, v in records if t == "queu"]
     if qrec and queues is not None:
         queues.restore(np.concatenate([r for r, _ in qrec]), np.concatenate([v for _, v in qrec]))
+
+
+def run(cfg: TrainDPConfig, device: torch.device | str = "auto") -> Summary:
+    """The train-dp stage (see :func:`train_dp`)."""
+    from lblctl.core.runtime import as_device
+
+    return Summary("train-dp", train_dp(cfg, as_device(device)))

@@ -29,6 +29,7 @@ from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_file, describe_input, read_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.metrics import far_key
+from lblctl.core.summary import Summary
 from lblctl.data.faces import (
     FALSE_WORDS,
     TRUE_WORDS,
@@ -451,3 +452,56 @@ def write_scores_manifest(out: str | os.PathLike, backbone: Any, pairs: str | os
     })
     return path
 
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class VerifyConfig:
+    backbone: Path
+    pairs: Path
+    out: Path
+    threshold: float | None = None  # give this, or far + calibration
+    far: float | None = None
+    calibration: Path | None = None  # REPORT/metrics.json of an eval run with this backbone
+    flip: bool = False
+    center_crop: float | None = None
+    align: str | None = None  # scrfd or yunet: align raw photos on the fly
+    align_model: Path | None = None
+    batch_size: int = 64
+    chunk_rows: int = 8192
+    cache_size: int = 50_000
+    workers: int = 0
+
+
+def run(cfg: VerifyConfig, device: Any = "auto") -> Summary:
+    """Score the pairs CSV into ``cfg.out`` with its manifest; the threshold given or taken at a FAR."""
+    from dataclasses import replace
+
+    from lblctl.core.runtime import as_device
+    from lblctl.models.checkpoint import open_backbone
+
+    if (cfg.threshold is None) == (cfg.far is None):
+        raise LblError("give either --threshold T or --far F with --calibration REPORT/metrics.json")
+    if cfg.far is not None and cfg.calibration is None:
+        raise LblError("--far needs --calibration REPORT/metrics.json (an eval report made with this backbone)")
+    if not Path(cfg.pairs).is_file():
+        raise LblError(f"--pairs {cfg.pairs}: no such file")
+    bb = open_backbone(cfg.backbone, as_device(device))
+    if cfg.center_crop is not None:
+        bb.preprocess = replace(bb.preprocess, center_crop=cfg.center_crop)
+    factory = make_dataset_factory(cfg.align, cfg.align_model, bb.preprocess)
+    threshold = cfg.threshold
+    if threshold is None:
+        threshold = threshold_from_calibration(cfg.calibration, cfg.far, backbone_identities(bb), cfg.flip)
+    summary = verify_pairs(bb, cfg.pairs, cfg.out, threshold, flip=cfg.flip, batch_size=cfg.batch_size,
+                           workers=cfg.workers, chunk_rows=cfg.chunk_rows, cache_size=cfg.cache_size,
+                           dataset_factory=factory)
+    params = {"threshold": threshold, "far": cfg.far, "calibration": str(cfg.calibration) if cfg.calibration else None,
+              "flip": cfg.flip, "align": cfg.align, "align_model": str(cfg.align_model) if cfg.align_model else None,
+              "center_crop": 1.0 if factory else bb.preprocess.center_crop, "input_size": bb.preprocess.input_size}
+    write_scores_manifest(cfg.out, bb, cfg.pairs, params, summary)
+    if cfg.far is not None:
+        summary["threshold_from"] = f"FAR {cfg.far:g} in {cfg.calibration}"
+    return Summary("verify-pair", summary)
