@@ -1,8 +1,14 @@
-"""Shared fixtures: small slices of the real faces in ../shared/data (never mocks of our parts)."""
+"""Shared fixtures: small slices of the real faces in ../shared/data (never mocks of our parts).
+
+Without that folder the pure unit tests still run; a test that reads the shared data (directly,
+through a fixture or through a helper of its module) is skipped, saying why.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +23,44 @@ MODELS = SHARED / "models"
 DEMO = REPO / "examples" / "data" / "faces"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if not LFW.is_dir():
-        raise pytest.UsageError(f"the shared face data is missing at {SHARED} (set LBLCTL_SHARED)")
+HAVE_SHARED = LFW.is_dir()
+NO_SHARED = f"needs the shared face data, missing at {SHARED} (set LBLCTL_SHARED)"
+_DATA_NAMES = {"SHARED", "LFW", "ORL", "YALEB", "MODELS", "lfw_identities", "copy_slice", "lfw_slice"}
+
+
+def _uses_shared(obj: object, namespace: dict, seen: set[int]) -> bool:
+    """Whether ``obj``'s source names the shared data: directly, or through a function or a Path
+    constant of its module (followed transitively)."""
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+    for name in set(re.findall(r"[A-Za-z_]\w*", source)):
+        value = inspect.unwrap(namespace[name]) if callable(namespace.get(name)) else namespace.get(name)
+        if name in _DATA_NAMES and value is not None:
+            return True
+        if isinstance(value, Path) and str(value).startswith(str(SHARED)):
+            return True
+        if inspect.isfunction(value) and value is not obj and _uses_shared(value, vars(inspect.getmodule(value)), seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAVE_SHARED:
+        return
+    skip = pytest.mark.skip(reason=NO_SHARED)
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None:
+            continue
+        seen: set[int] = set()
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(_uses_shared(f, vars(inspect.getmodule(f)), seen) for f in [fn, *fixtures]):
+            item.add_marker(skip)
 
 
 def lfw_identities(min_images: int, count: int) -> list[str]:
