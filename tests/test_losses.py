@@ -80,13 +80,29 @@ def test_arcface_hand_computed_with_fallback() -> None:
 
 
 def test_combined_margin_hand_computed() -> None:
+    """Target logit against float64 references: cos(m1·θ + m2) − m3 up to θ* = (π − m2)/m1; beyond it,
+    cos θ minus the first-order (Taylor) size of the margin at θ*: −d cos/dθ(θ*)·(m1·θ* + m2 − θ*),
+    the derivative taken numerically here. ArcFace (m1 = 1) gives the published cos θ − m·sin m."""
     s, m1, m2, m3 = 4.0, 1.2, 0.3, 0.1
+    theta_star = (math.pi - m2) / m1
+    h = 1e-5
+    slope = (math.cos(theta_star + h) - math.cos(theta_star - h)) / (2 * h)
+    penalty = -slope * (m1 * theta_star + m2 - theta_star)
+    theta = np.linspace(0.02, math.pi - 0.02, 400)
+    theta = theta[np.abs(theta - theta_star) > 1e-3]  # float32 may put the boundary itself either side
+    ref = np.where(theta < theta_star, np.cos(m1 * theta + m2), np.cos(theta) - penalty) - m3
     head = CombinedMarginLoss(s, m1, m2, m3)
-    theta_star = (math.pi - m2) / m1  # 2.368: sample a (θ=1) below, sample b (θ=3) beyond
-    target = [math.cos(m1 * 1.0 + m2) - m3,
-              math.cos(3.0) - (math.pi - theta_star) * math.sin(theta_star) - m3]
-    expect = [ce([s * target[i], s * COS[i][1]], 0) for i in range(2)]
-    assert head(E, W, Y).loss.item() == pytest.approx(sum(expect) / 2, rel=1e-5)
+    got = head.target_logit(torch.tensor(np.cos(theta), dtype=torch.float32)).double().numpy()
+    assert got == pytest.approx(ref, abs=5e-5)
+    arc = CombinedMarginLoss(s, 1.0, 0.5, 0.0).target_logit(torch.tensor([math.cos(3.0)])).item()
+    assert arc == pytest.approx(math.cos(3.0) - 0.5 * math.sin(0.5), abs=1e-6)
+    # the loss over the two hand-made samples: softmax cross entropy in float64
+    cos = np.array(COS)
+    target = np.where(np.arccos(cos[:, 0]) < theta_star, np.cos(m1 * np.arccos(cos[:, 0]) + m2),
+                      cos[:, 0] - penalty) - m3
+    logits = s * np.stack([target, cos[:, 1]], 1)
+    expect = np.mean(np.log(np.exp(logits).sum(1)) - logits[:, 0])
+    assert head(E, W, Y).loss.item() == pytest.approx(expect, rel=1e-5)
 
 
 def test_margins_change_only_the_target_logit_exactly_as_defined() -> None:

@@ -48,11 +48,35 @@ def test_parameter_counts_match_the_references(arch: str, dim: int, expect: floa
     assert n == pytest.approx(expect, rel=0.015), n
 
 
-def test_iresnet50_exact_layout() -> None:
-    model = create_backbone("iresnet50", 512)
-    assert count_parameters(model) == 43_590_848
-    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [3, 4, 14, 3]
+def iresnet_parameters(layers: list[int], dim: int = 512, width: int = 64, size: int = 112) -> int:
+    """All parameters of arcface_torch's IResNet, counted by hand from its layer shapes.
+
+    Stem: 3×3 conv 3→w, BN, PReLU. Stage i (planes p = w·2^i, stride 2): each IBasicBlock is
+    BN(c_in), 3×3 conv c_in→p, BN(p), PReLU(p), 3×3 conv p→p, BN(p); the first block adds a 1×1
+    conv c_in→p + BN(p) shortcut. Head: BN(8w), Linear(8w·(size/16)² → dim) with bias, BN1d(dim).
+    A BN has 2 parameters per channel (weight, bias), a PReLU 1.
+    """
+    n = 3 * width * 9 + 2 * width + width
+    c_in = width
+    for i, blocks in enumerate(layers):
+        p = width * 2 ** i
+        for b in range(blocks):
+            c = c_in if b == 0 else p
+            n += 2 * c + 9 * c * p + 2 * p + p + 9 * p * p + 2 * p
+            if b == 0:
+                n += c * p + 2 * p
+        c_in = p
+    return n + 2 * 8 * width + 8 * width * (size // 16) ** 2 * dim + dim + 2 * dim
+
+
+@pytest.mark.parametrize("arch,layers", [("iresnet18", [2, 2, 2, 2]), ("iresnet34", [3, 4, 6, 3]),
+                                         ("iresnet50", [3, 4, 14, 3]), ("iresnet100", [3, 13, 30, 3])])
+def test_iresnet_parameter_count_from_layer_shapes(arch: str, layers: list[int]) -> None:
+    model = create_backbone(arch, 512)
+    assert count_parameters(model) == iresnet_parameters(layers)
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == layers
     assert model.fc.in_features == 512 * 7 * 7 and not model.features.weight.requires_grad
+    assert count_parameters(create_backbone(arch, 128, 64)) == iresnet_parameters(layers, 128, size=64)
 
 
 def test_mobilefacenet_has_a_gdc_head() -> None:
