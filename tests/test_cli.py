@@ -136,10 +136,20 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     subprocess.run([*base, "--out", str(ref)], check=True, env=env, timeout=300)
     run = tmp_path / "run"
     proc = subprocess.Popen([*base, "--out", str(run)], env=env)
+
+    def logged_past_checkpoint() -> bool:
+        """A checkpoint is on disk and the log has gone 2 steps beyond it: killed now, the resume must redo steps."""
+        ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+        if not ckpts or not (run / "log.jsonl").is_file():
+            return False
+        done = int(ckpts[-1].stem.split("_")[1])
+        steps = [json.loads(ln).get("step", 0) for ln in (run / "log.jsonl").read_text().splitlines()
+                 if ln.endswith("}")]
+        return max(steps, default=0) >= done + 2
+
     deadline = time.time() + 120
-    while not list((run / "checkpoints").glob("step_*.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    while not logged_past_checkpoint() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)  # polling, not a fixed wait: the kill follows the files, not the clock
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
