@@ -13,7 +13,7 @@ from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.runtime import seed_everything
 from lblctl.models.checkpoint import load_backbone
 from lblctl.stages.pretrain import PretrainConfig, pretrain
-from lblctl.train.engine import TrainConfig, load_checkpoint, lr_factor
+from lblctl.train.engine import StepResult, TrainConfig, Trainer, load_checkpoint, lr_factor
 
 from .conftest import copy_slice, lfw_identities
 
@@ -27,6 +27,37 @@ def test_lr_schedules() -> None:
     assert [lr_factor(step, s) for s in (0, 49, 50, 75)] == pytest.approx([1, 1, 0.1, 0.01])
     with pytest.raises(LblError, match="--optimizer"):
         TrainConfig(steps=5, optimizer="lion").validate()
+
+
+def _fit_regression(tmp_path: Path, amp: str) -> tuple[list[torch.dtype], list[float], Trainer]:
+    """30 steps of a 16→1 linear regression through the engine; the forward's dtype and the losses."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 16, generator=g), torch.randn(16, 1, generator=g)
+    y = x @ w
+    model = torch.nn.Linear(16, 1)
+    trainer = Trainer(TrainConfig(steps=30, lr=0.05, amp=amp, schedule="constant", weight_decay=0.0, log_every=1),
+                      torch.device("cpu"), {"model": model}, [{"params": list(model.parameters())}], tmp_path)
+    dtypes: list[torch.dtype] = []
+
+    def compute(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        with trainer.autocast():
+            pred = model(batch[0])
+        dtypes.append(pred.dtype)
+        return StepResult(torch.nn.functional.mse_loss(pred.float(), batch[1]), len(batch[0]))
+
+    trainer.fit(lambda epoch, start: [(x, y)] * (10 - start), compute, steps_per_epoch=10)
+    return dtypes, list(_losses(tmp_path).values()), trainer
+
+
+def test_amp_bf16_on_cpu(tmp_path: Path) -> None:
+    """--amp bf16 on CPU runs the forward in bfloat16 (CPU autocast); the weights stay float32 and train."""
+    dtypes, losses, trainer = _fit_regression(tmp_path / "bf16", "bf16")
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.modules["model"].parameters())
+    assert losses[-1] < 0.1 * losses[0], losses
+    dtypes, losses32, _ = _fit_regression(tmp_path / "auto", "auto")  # auto: CPU stays in float32
+    assert set(dtypes) == {torch.float32}
+    assert losses32[-1] < 0.1 * losses32[0] and losses32 != losses
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,11 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA where supported, else fp16 (with a grad scaler); off on CPU."""
-    if device.type != "cuda" or cfg.amp == "off":
+    """bf16 on CUDA where supported, else fp16 (with a grad scaler); on CPU only an explicit bf16
+    (CPU autocast has no fp16 grad scaler, and ``auto`` keeps CPU runs in float32)."""
+    if device.type != "cuda":
+        return torch.bfloat16 if cfg.amp == "bf16" else None
+    if cfg.amp == "off":
         return None
     if cfg.amp == "fp16":
         return torch.float16
