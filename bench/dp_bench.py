@@ -171,19 +171,17 @@ def _cli(*args: str) -> dict:
 
 
 def _top1(backbone_path: Path, store_dir: Path, probes: list[tuple[str, str]]) -> tuple[float, float]:
-    import faiss
-
     from lblctl.core.store import PrototypeStore
     from lblctl.models.checkpoint import load_backbone
     from lblctl.models.embed import embed_paths
+    from lblctl.stages.index import ArraySource, IndexSpec, build_index
 
     bb = load_backbone(backbone_path)
     emb = embed_paths(bb, [p for _, p in probes], batch_size=128)
     with PrototypeStore.open(store_dir) as s:
         protos = np.concatenate([c for _, c in s.iter_chunks()])
         names = list(s.names)
-    index = faiss.IndexFlatIP(protos.shape[1])
-    index.add(protos)
+    index = build_index(ArraySource(protos), IndexSpec(kind="flat"))
     _, ids = index.search(emb.vectors, 5)
     truth = np.array([names.index(n) for n, _ in probes])
     return float((ids[:, 0] == truth).mean()), float((ids == truth[:, None]).any(1).mean())

@@ -9,25 +9,23 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from lblctl.core import ui
-
-if TYPE_CHECKING:
-    from lblctl.core.summary import Summary
+from lblctl.core.summary import Summary
 
 Opt = typer.Option
 
 # the common options: every command has them, added by @stage_command
-Device = Annotated[str, Opt("--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when present).",
-                            rich_help_panel="Common")]
-Seed = Annotated[int, Opt("--seed", help="Random seed (runs are repeatable on CPU).", rich_help_panel="Common")]
-Json = Annotated[bool, Opt("--json", help="Print the run's summary as one JSON object on stdout.",
-                           rich_help_panel="Common")]
-Quiet = Annotated[bool, Opt("--quiet", "-q", help="No progress bars or human output.", rich_help_panel="Common")]
-Debug = Annotated[bool, Opt("--debug", help="Show full tracebacks on errors.", rich_help_panel="Common")]
+_COMMON_OPTS = [  # (parameter, type, default, flags, help)
+    ("device", str, "auto", ["--device"], "auto | cpu | cuda | cuda:N (auto = CUDA when present)."),
+    ("seed", int, 0, ["--seed"], "Random seed (runs are repeatable on CPU)."),
+    ("json_out", bool, False, ["--json"], "Print the run's summary as one JSON object on stdout."),
+    ("quiet", bool, False, ["--quiet", "-q"], "No progress bars or human output."),
+    ("debug", bool, False, ["--debug"], "Show full tracebacks on errors."),
+]
 
 # options several commands share
 Workers = Annotated[int, Opt(help="DataLoader worker processes (-1 = cores − 1).")]
@@ -52,24 +50,22 @@ LogEvery = Annotated[int, Opt(help="Write log.jsonl every N steps.")]
 @dataclass(frozen=True)
 class Common:
     """The common options as a command body sees them, the device already resolved."""
-
     device: Any  # torch.device
     seed: int
     json: bool
     quiet: bool
 
 
-_COMMON = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-           for name, ann, default in (("device", Device, "auto"), ("seed", Seed, 0), ("json_out", Json, False),
-                                      ("quiet", Quiet, False), ("debug", Debug, False))]
+_COMMON = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, Opt(*flags, help=help, rich_help_panel="Common")])
+           for name, kind, default, flags, help in _COMMON_OPTS]
 
 
 def stage_command(title: str) -> Callable[[Callable[..., Summary]], Callable[..., None]]:
     """Turn ``body(..., common: Common) -> Summary`` into a Typer command with the common options.
 
-    The command applies --quiet, resolves --device and seeds everything before the body runs (bad
-    input stops before any work), then prints the Summary: JSON with --json, else its table.
-    """
+    It applies --quiet, resolves --device and seeds before the body runs (bad input stops before any
+    work), then prints the Summary: JSON with --json, else its table."""
 
     def wrap(body: Callable[..., Summary]) -> Callable[..., None]:
         sig = inspect.signature(body, eval_str=True)
@@ -79,7 +75,7 @@ def stage_command(title: str) -> Callable[[Callable[..., Summary]], Callable[...
             device, seed, as_json, quiet = kw.pop("device"), kw.pop("seed"), kw.pop("json_out"), kw.pop("quiet")
             kw.pop("debug")
             common = Common(device=start(device, seed, quiet), seed=seed, json=as_json, quiet=quiet)
-            finish(body(**kw, common=common), title, as_json)
+            ui.print_run(body(**kw, common=common), title, as_json)
 
         command.__name__, command.__doc__, command.__module__ = body.__name__, body.__doc__, body.__module__
         command.__signature__ = sig.replace(parameters=own + _COMMON, return_annotation=None)  # type: ignore[attr-defined]
@@ -92,26 +88,7 @@ def stage_command(title: str) -> Callable[[Callable[..., Summary]], Callable[...
 def start(device: str, seed: int, quiet: bool) -> Any:
     """Apply the common options; returns the torch.device to run on (errors before any work)."""
     from lblctl.core.runtime import resolve_device, seed_everything
-
     ui.set_quiet(quiet)
     dev = resolve_device(device)
     seed_everything(seed)
     return dev
-
-
-def finish(summary: Summary | dict[str, Any], title: str, as_json: bool) -> None:
-    """Print a run's Summary (JSON figures, or its table, notes and warnings) and end with its exit code."""
-    figures = getattr(summary, "figures", summary)
-    table = getattr(summary, "table", None)
-    if as_json or table is None:
-        ui.print_summary(figures, title, as_json)
-    elif not ui.is_quiet():
-        ui.console.print(table)
-    if not as_json and not ui.is_quiet():
-        for note in getattr(summary, "notes", []):
-            ui.info(note)
-        for warning in getattr(summary, "warnings", []):
-            ui.warn(warning)
-    code = getattr(summary, "exit_code", 0)
-    if code:
-        raise typer.Exit(code)

@@ -20,23 +20,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from ._common import (
-    Amp,
-    CheckpointEvery,
-    Common,
-    GradClip,
-    IdsData,
-    LogEvery,
-    Opt,
-    Resume,
-    RunOut,
-    Schedule,
-    Steps,
-    Warmup,
-    WeightDecay,
-    Workers,
-    stage_command,
-)
+from . import _common as o
+from ._common import Common, Opt, stage_command
 
 Backbones = "iresnet18, iresnet34, iresnet50, iresnet100, mobilefacenet, small_cnn"  # a test checks the registry
 
@@ -47,8 +32,8 @@ def _loss(flags: list[str], kind: type, help: str) -> object:
 
 @stage_command("pretrain")
 def main(
-    data: IdsData,
-    out: RunOut,
+    data: o.IdsData,
+    out: o.RunOut,
     arch: Annotated[str, Opt(help=f"Backbone: {Backbones}.")] = "small_cnn",
     embedding_size: Annotated[int, Opt(help="Embedding dimension.")] = 512,
     input_size: Annotated[int, Opt(help="Input side in pixels (0 = the arch's default).")] = 0,
@@ -77,20 +62,20 @@ def main(
                                   rich_help_panel="Loss")] = 0,
     batch_size: Annotated[int, Opt(help="Images per step (0 = 128, or P·K with --pk-*).")] = 0,
     epochs: Annotated[int, Opt(help="Epochs (overrides --steps when > 0).")] = 0,
-    steps: Steps = 1000,
+    steps: o.Steps = 1000,
     lr: Annotated[float, Opt(help="Base learning rate.")] = 0.1,
     optimizer: Annotated[str, Opt(help="sgd or adamw.")] = "sgd",
-    weight_decay: WeightDecay = 5e-4,
-    schedule: Schedule = "cosine",
-    warmup_steps: Warmup = 0,
-    grad_clip: GradClip = 5.0,
-    amp: Amp = "auto",
+    weight_decay: o.WeightDecay = 5e-4,
+    schedule: o.Schedule = "cosine",
+    warmup_steps: o.Warmup = 0,
+    grad_clip: o.GradClip = 5.0,
+    amp: o.Amp = "auto",
     val_fraction: Annotated[float, Opt(help="Fraction of identities with ≥2 photos held out.")] = 0.1,
     min_images: Annotated[int, Opt(help="Train only on identities with at least this many photos.")] = 1,
-    checkpoint_every: CheckpointEvery = 0,
-    log_every: LogEvery = 10,
-    workers: Workers = -1,
-    resume: Resume = False,
+    checkpoint_every: o.CheckpointEvery = 0,
+    log_every: o.LogEvery = 10,
+    workers: o.Workers = -1,
+    resume: o.Resume = False,
     *,
     common: Common,
 ):

@@ -26,27 +26,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from ._common import (
-    Amp,
-    CheckpointEvery,
-    Common,
-    GradClip,
-    LogEvery,
-    Opt,
-    Resume,
-    RunOut,
-    Schedule,
-    Steps,
-    Warmup,
-    WeightDecay,
-    stage_command,
-)
+from . import _common as o
+from ._common import Common, Opt, stage_command
 
 
 @stage_command("train-dp")
 def main(
     store: Annotated[Path, Opt("--store", help="Prototype store folder (imprint + build-index).")],
-    out: RunOut,
+    out: o.RunOut,
     data: Annotated[Path | None, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")] = None,
     backbone: Annotated[Path | None, Opt("--backbone", help="RUN/backbone.pt (or the RUN folder).")] = None,
     features: Annotated[Path | None, Opt("--features", help="Head-only: HDF5 features M×D + identities M.")] = None,
@@ -63,17 +50,17 @@ def main(
     head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
     projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
-    steps: Steps = 1000,
+    steps: o.Steps = 1000,
     epochs: Annotated[int, Opt(help="Epochs: each trainable identity sampled once per epoch.")] = 0,
-    weight_decay: WeightDecay = 5e-4,
-    schedule: Schedule = "cosine",
-    warmup_steps: Warmup = 0,
-    grad_clip: GradClip = 5.0,
-    amp: Amp = "auto",
-    checkpoint_every: CheckpointEvery = 100,
-    log_every: LogEvery = 10,
+    weight_decay: o.WeightDecay = 5e-4,
+    schedule: o.Schedule = "cosine",
+    warmup_steps: o.Warmup = 0,
+    grad_clip: o.GradClip = 5.0,
+    amp: o.Amp = "auto",
+    checkpoint_every: o.CheckpointEvery = 100,
+    log_every: o.LogEvery = 10,
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
-    resume: Resume = False,
+    resume: o.Resume = False,
     *,
     common: Common,
 ):

@@ -124,8 +124,12 @@ def write_manifest(
     backbone_fingerprint: str | None = None,
     extra: dict[str, Any] | None = None,
     command: list[str] | None = None,
+    filename: str = MANIFEST,
 ) -> dict[str, Any]:
-    """Write ``out_dir/manifest.json`` describing the artifact; ``files`` are relative to out_dir."""
+    """Write ``out_dir/manifest.json`` describing the artifact; ``files`` are relative to out_dir.
+
+    ``filename``: another name, for a manifest beside one that is already there (a store's index)
+    or for a file artifact in a folder shared with others (``SCORES.manifest.json``)."""
     out_dir = Path(out_dir)
     manifest: dict[str, Any] = {
         "kind": kind,
@@ -140,7 +144,7 @@ def write_manifest(
     }
     if extra:
         manifest.update(extra)
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / filename, manifest)
     return manifest
 
 

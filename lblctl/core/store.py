@@ -41,7 +41,7 @@ import numpy as np
 
 from lblctl.core.artifacts import MANIFEST, check_compatible, read_manifest, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
-from lblctl.core.strings import StringArray, StringArrayBuilder, _hash64
+from lblctl.core.strings import StringArray, StringArrayBuilder
 
 FORMAT = "lblctl-store/1"
 FILENAME = "prototypes.h5"
@@ -68,20 +68,8 @@ def _as_strings(items: Iterable[str] | StringArray) -> StringArray:
 
 
 def _duplicates(names: StringArray) -> list[str]:
-    """Names that occur more than once (by 64-bit hash, confirmed on the bytes)."""
-    if len(names) < 2:
-        return []
-    hashes = np.fromiter((_hash64(names._bytes(i)) for i in range(len(names))), dtype=np.int64,
-                         count=len(names))
-    order = np.argsort(hashes, kind="stable")
-    sh = hashes[order]
-    same = np.flatnonzero(sh[1:] == sh[:-1])
-    dups = []
-    for k in same:
-        a, b = int(order[k]), int(order[k + 1])
-        if names._bytes(a) == names._bytes(b):
-            dups.append(names[a])
-    return dups
+    """Names that occur more than once (compared by value)."""
+    return names.duplicates() if len(names) > 1 else []
 
 
 def _contiguous_dcpl() -> h5py.h5p.PropDCID:

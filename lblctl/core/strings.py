@@ -36,8 +36,55 @@ class StringArray(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def _bytes(self, i: int) -> bytes:
+    def encoded(self, i: int) -> bytes:
+        """Item ``i`` as its utf-8 bytes (no decoding)."""
         return self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes()
+
+    def hashes(self) -> np.ndarray:
+        """A 64-bit hash of every item (equal items hash equal; unequal ones may collide)."""
+        return np.fromiter((_hash64(self.encoded(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
+
+    def unique(self) -> tuple[np.ndarray, np.ndarray]:
+        """Group the items by value: ``(first, inverse)`` where ``first[k]`` is the row of the k-th distinct
+        item in order of first appearance and ``inverse[i]`` its group. Hashes only find candidates; equal
+        hashes are confirmed on the bytes, so two names that collide stay apart."""
+        n = len(self)
+        if n == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        h = self.hashes()
+        order = np.argsort(h, kind="stable")
+        sh = h[order]
+        bounds = np.flatnonzero(np.r_[True, sh[1:] != sh[:-1], True])
+        group = np.empty(n, dtype=np.int64)  # by sorted position
+        runs = np.flatnonzero(np.diff(bounds) > 1)
+        group_of_run = np.arange(len(bounds) - 1, dtype=np.int64)
+        group[:] = np.repeat(group_of_run, np.diff(bounds))
+        extra = len(bounds) - 1
+        for r in runs.tolist():  # equal hashes: split by the bytes (a real collision is ~never seen)
+            s, e = int(bounds[r]), int(bounds[r + 1])
+            seen: dict[bytes, int] = {}
+            for k in range(s, e):
+                key = self.encoded(int(order[k]))
+                if not seen:
+                    seen[key] = int(group[k])
+                elif key not in seen:
+                    seen[key] = extra
+                    extra += 1
+                group[k] = seen[key]
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = group
+        first = np.full(extra, n, dtype=np.int64)
+        np.minimum.at(first, inverse, np.arange(n, dtype=np.int64))
+        rank = np.empty(extra, dtype=np.int64)
+        by_first = np.argsort(first, kind="stable")
+        rank[by_first] = np.arange(extra)
+        return first[by_first], rank[inverse]
+
+    def duplicates(self) -> list[str]:
+        """Items that occur more than once (by value), each once, in order of first appearance."""
+        first, inverse = self.unique()
+        counts = np.bincount(inverse, minlength=len(first))
+        return [self[int(first[k])] for k in np.flatnonzero(counts > 1)]
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
@@ -47,11 +94,11 @@ class StringArray(Sequence[str]):
             i += n
         if not 0 <= i < n:
             raise IndexError(i)
-        return self._bytes(int(i)).decode("utf-8")
+        return self.encoded(int(i)).decode("utf-8")
 
     def __iter__(self) -> Iterator[str]:
         for i in range(len(self)):
-            yield self._bytes(i).decode("utf-8")
+            yield self.encoded(i).decode("utf-8")
 
     def take(self, rows: np.ndarray) -> list[str]:
         return [self[int(r)] for r in rows]
@@ -60,8 +107,7 @@ class StringArray(Sequence[str]):
         return self.buffer.nbytes + self.offsets.nbytes
 
     def _build_lookup(self) -> None:
-        hashes = np.fromiter((_hash64(self._bytes(i)) for i in range(len(self))), dtype=np.int64,
-                             count=len(self))
+        hashes = self.hashes()
         self._order = np.argsort(hashes, kind="stable")
         self._hashes = hashes[self._order]
 
@@ -78,7 +124,7 @@ class StringArray(Sequence[str]):
             row = -1
             while lo < len(self._hashes) and self._hashes[lo] == h:
                 cand = int(self._order[lo])
-                if self._bytes(cand) == key:
+                if self.encoded(cand) == key:
                     row = cand
                     break
                 lo += 1

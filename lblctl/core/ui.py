@@ -17,6 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lblctl.core.summary import Summary
+
 console = Console(stderr=True, highlight=False)
 _state = {"quiet": False}
 
@@ -66,6 +68,22 @@ def print_summary(summary: dict[str, Any], title: str, as_json: bool) -> None:
     for key, value in _flatten(summary):
         table.add_row(key, value)
     console.print(table)
+
+
+def print_run(summary: Summary, title: str, as_json: bool) -> None:
+    """A stage run's Summary: its figures as JSON, or its table (else the figures), notes and warnings.
+    A non-zero ``exit_code`` ends the command with it."""
+    if as_json or summary.table is None:
+        print_summary(summary.figures, title, as_json)
+    elif not _state["quiet"]:
+        console.print(summary.table)
+    if not as_json and not _state["quiet"]:
+        for note in summary.notes:
+            info(note)
+        for warning in summary.warnings:
+            warn(warning)
+    if summary.exit_code:
+        raise SystemExit(summary.exit_code)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Face data: identity folders or CSVs, pairs CSVs, robust image loading, a DataLoader helper.
+"""Face data: identity folders or CSVs, robust image loading, a DataLoader helper (pairs: :mod:`.pairs`).
 
 The identity index is compact (numpy arrays + one byte buffer per string column), so that
 10M identities × 2–5 images fit in a few hundred MB. An image that cannot be read becomes a
@@ -23,8 +23,6 @@ from lblctl.core.errors import LblError
 from lblctl.core.strings import StringArray, StringArrayBuilder
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"})
-TRUE_WORDS = {"1", "true", "yes", "same", "y", "t"}
-FALSE_WORDS = {"0", "false", "no", "different", "diff", "n", "f"}
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # very large scans are fine; decompression bombs are not
 
@@ -297,64 +295,6 @@ def split_identities(index: FaceIndex, fraction: float, seed: int,
     val = np.sort(rng.permutation(eligible)[:n_val])
     train = np.setdiff1d(np.arange(index.num_identities), val)
     return train, val
-
-
-# --------------------------------------------------------------------------- pairs CSV
-
-
-@dataclass
-class PairRow:
-    line: int
-    id_image: str
-    spot_image: str
-    same: int | None
-    row: dict[str, str]
-
-
-def parse_same(value: str, where: str) -> int | None:
-    v = (value or "").strip().lower()
-    if v == "":
-        return None
-    if v in TRUE_WORDS:
-        return 1
-    if v in FALSE_WORDS:
-        return 0
-    raise LblError(f"{where}: same='{value}' must be 1/0 or true/false")
-
-
-class PairsFile:
-    """A pairs CSV ``id_image,spot_image[,same]`` read as a stream; extra columns pass through."""
-
-    def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
-        self.path = Path(csv_path)
-        if not self.path.is_file():
-            raise LblError(f"--pairs {self.path}: no such file")
-        self.root = Path(root) if root is not None else self.path.parent
-        with open(self.path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-        if not header:
-            raise LblError(f"--pairs {self.path}: empty file; expected a header id_image,spot_image[,same]")
-        self.fieldnames = [h.strip() for h in header]
-        missing = {"id_image", "spot_image"} - set(self.fieldnames)
-        if missing:
-            raise LblError(
-                f"--pairs {self.path}: header lacks {', '.join(sorted(missing))}; "
-                f"expected id_image,spot_image[,same], found {','.join(self.fieldnames)}"
-            )
-        self.has_same = "same" in self.fieldnames
-
-    def resolve(self, p: str) -> str:
-        return p if os.path.isabs(p) else str(self.root / p)
-
-    def __iter__(self) -> Iterator[PairRow]:
-        with open(self.path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, fieldnames=self.fieldnames)
-            next(reader)
-            for line, row in enumerate(reader, start=2):
-                row = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
-                same = parse_same(row.get("same", ""), f"{self.path}:{line}") if self.has_same else None
-                yield PairRow(line, self.resolve(row["id_image"].strip()), self.resolve(row["spot_image"].strip()),
-                              same, row)
 
 
 # --------------------------------------------------------------------------- tensors and loaders

@@ -40,7 +40,8 @@ class Face:
 
 
 def onnx_providers(use_cuda: bool) -> list[str]:
-    """CUDA first when asked for and present in this onnxruntime build, CPU always last."""
+    """CUDA first when asked for and present in this onnxruntime build, CPU always last (the one choice of
+    onnxruntime providers: detectors here, recognition models in :mod:`lblctl.models.onnx`)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()

@@ -26,21 +26,13 @@ import torch.nn.functional as F
 from lblctl.core.artifacts import fingerprint_file
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.data.faces import Preprocess
+from lblctl.models.detectors import onnx_providers
 
 META_PREFIX = "lblctl."
 
 
 def _dim(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
-
-
-def _providers(device: torch.device) -> list[str]:
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    if device.type == "cuda" and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def _session(model: bytes | str, device: torch.device):
@@ -51,7 +43,7 @@ def _session(model: bytes | str, device: torch.device):
     threads = torch.get_num_threads()
     if threads > 0:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model, sess_options=opts, providers=_providers(device))
+    return ort.InferenceSession(model, sess_options=opts, providers=onnx_providers(device.type == "cuda"))
 
 
 def _with_symbolic_batch(model) -> bytes:

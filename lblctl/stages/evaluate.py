@@ -26,13 +26,13 @@ from lblctl.core.runtime import as_device
 from lblctl.core.summary import Summary
 from lblctl.data.faces import (
     FaceIndex,
-    PairsFile,
     PathDataset,
     ProblemLog,
     make_loader,
     open_face_set,
     read_identity_csv,
 )
+from lblctl.data.pairs import PairsFile
 from lblctl.models.checkpoint import open_backbone
 from lblctl.models.embed import embed_paths
 from lblctl.stages.verify import backbone_identities
@@ -114,19 +114,21 @@ def score_pairs(backbone: Any, pairs: Path, *, flip: bool, batch_size: int, work
     a_idx, b_idx, same, folds = array("q"), array("q"), array("b"), array("q")
     unlabelled = 0
     for row in pf:
+        if row.error.startswith("same="):
+            raise LblError(f"{pairs}:{row.line}: {row.error}")
+        if row.error:
+            problems.add(f"{pairs}:{row.line}", f"{row.error}; pair skipped")
+            unlabelled += 1
+            continue
         if row.same is None:
             unlabelled += 1
             problems.add(f"{pairs}:{row.line}", "empty 'same'; pair skipped")
             continue
-        if not row.row.get("id_image", "").strip() or not row.row.get("spot_image", "").strip():
-            problems.add(f"{pairs}:{row.line}", "empty image path; pair skipped")
-            unlabelled += 1
-            continue
         if has_fold:
             try:
-                folds.append(int(row.row["fold"]))
+                folds.append(int(row.get("fold")))
             except ValueError:
-                raise LblError(f"{pairs}:{row.line}: fold='{row.row['fold']}' is not a whole number") from None
+                raise LblError(f"{pairs}:{row.line}: fold='{row.get('fold')}' is not a whole number") from None
         a_idx.append(slot.setdefault(row.id_image, len(slot)))
         b_idx.append(slot.setdefault(row.spot_image, len(slot)))
         same.append(row.same)
@@ -201,14 +203,13 @@ def plot_hist(scores: np.ndarray, same: np.ndarray, path: Path, title: str) -> N
 # --------------------------------------------------------------------------- identification
 
 
-def _faiss_index(vectors: np.ndarray, device: torch.device):
-    import faiss
+def _gallery_index(source: Any, device: torch.device) -> Any:
+    """An exact inner-product faiss index over ``source`` (build-index's builder), on the GPU when ``device`` is."""
+    from lblctl.stages.index import IndexSpec, build_index, gpu_count, to_gpu
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
-    for s in range(0, len(vectors), 1 << 16):
-        index.add(np.ascontiguousarray(vectors[s : s + (1 << 16)], dtype=np.float32))
+    index = build_index(source, IndexSpec(kind="flat"))
+    if device.type == "cuda" and gpu_count() > 0:
+        index = to_gpu(index, device.index or 0)
     return index
 
 
@@ -234,23 +235,17 @@ def gallery_from_images(backbone: Any, faces: FaceIndex, rows: np.ndarray, *, fl
     templates = sums[present] / norms[present, None]
     if len(present) == 0:
         raise LblError("the gallery has no readable photos")
-    return Gallery(_faiss_index(templates, device), present.astype(np.int64), faces.names, len(present))
+    from lblctl.stages.index import ArraySource
+
+    return Gallery(_gallery_index(ArraySource(templates), device), present.astype(np.int64), faces.names,
+                   len(present))
 
 
 def gallery_from_store(store: Any, device: torch.device) -> Gallery:
     """The store's prototypes (already unit vectors), added chunk by chunk."""
-    import faiss
-
-    index = None
-    for _start, block in store.iter_chunks(1 << 16):
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        if index is None:
-            index = faiss.IndexFlatIP(block.shape[1])
-        index.add(block)
-    if index is None or index.ntotal == 0:
+    if store.num_rows == 0:
         raise LblError("--store: the store has no prototypes")
-    if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
+    index = _gallery_index(store, device)
     return Gallery(index, np.arange(index.ntotal, dtype=np.int64), store.names, int(index.ntotal))
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -28,9 +27,10 @@ from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
 from lblctl.core.errors import LblError
 from lblctl.core.store import DTYPES, FILENAME, PrototypeStore
-from lblctl.core.strings import StringArrayBuilder, _hash64
+from lblctl.core.strings import StringArrayBuilder
 from lblctl.core.summary import Summary
 from lblctl.data.faces import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
+from lblctl.data.features import FeaturesFile
 from lblctl.models.checkpoint import Backbone, open_backbone
 
 STAGING = ".imprint"
@@ -267,22 +267,8 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
     t0 = time.perf_counter()
     out, path = Path(cfg.out), Path(cfg.features)  # type: ignore[arg-type]
     _check_out(cfg)
-    if not path.is_file():
-        raise LblError(f"--features {path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise LblError(f"--features {path}: not an HDF5 file; expected datasets 'features' M×D "
-                       "and 'identities' M") from None
-    with f:
-        if "features" not in f or "identities" not in f:
-            raise LblError(f"--features {path}: needs datasets 'features' (M×D) and 'identities' (M); "
-                           f"found {', '.join(f.keys()) or 'none'}")
-        feats, idents = f["features"], f["identities"]
-        if feats.ndim != 2 or idents.shape != (feats.shape[0],):
-            raise LblError(f"--features {path}: 'features' is {feats.shape} and 'identities' {idents.shape}; "
-                           "expected M×D and M")
-        m, dim = feats.shape
+    with FeaturesFile(path) as f:
+        feats, m, dim = f.features, f.num_rows, f.dim
         fp = None
         if cfg.backbone is not None:
             bb = open_backbone(cfg.backbone, "cpu")
@@ -290,22 +276,12 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
                 raise LblError(f"--features {path}: {dim}-d features but --backbone {cfg.backbone} makes "
                                f"{bb.embedding_size}-d embeddings")
             fp = bb.fingerprint
-        elif f.attrs.get("backbone_fingerprint"):
-            fp = str(f.attrs["backbone_fingerprint"])
+        elif f.backbone_fingerprint:
+            fp = f.backbone_fingerprint
         chunk = max(1, min(_COPY_ROWS, (64 << 20) // max(1, dim * 4)))
-        # pass 1: identity of every row by its name's 64-bit hash (8 bytes a row; a collision among
-        # 10M names has odds ~1e-6), identities in order of first appearance
-        hashes = np.empty(m, dtype=np.int64)
-        for a in range(0, m, chunk):
-            block = idents[a:a + chunk]
-            hashes[a:a + len(block)] = [_hash64(_as_bytes(s)) for s in block]
-        uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")
-        rank = np.empty(len(uniq), dtype=np.int64)
-        rank[order] = np.arange(len(uniq))
-        group = rank[inverse.reshape(-1)]
-        n = len(uniq)
-        first_rows = first[order]
+        # pass 1: the identity of every row, by name (identities in order of first appearance)
+        idents, group = f.identities()
+        n = len(idents)
         # pass 2: sum unit features per identity in a memory-mapped staging file
         staging = out / STAGING
         if staging.exists():
@@ -337,8 +313,8 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
             raise LblError(f"--features {path}: no usable feature rows")
         names = StringArrayBuilder()
         for i in good:
-            names.append(_as_bytes(idents[int(first_rows[i])]).decode("utf-8"))
-        left = [_as_bytes(idents[int(first_rows[i])]).decode("utf-8") for i in np.flatnonzero(counts == 0)]
+            names.append(idents[int(i)])
+        left = [idents[int(i)] for i in np.flatnonzero(counts == 0)]
     with atomic_open(out / "left_out.csv", "w") as fh:
         w = csv.writer(fh)
         w.writerow(["identity", "reason"])
@@ -359,10 +335,6 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
     return {"store": str(out), "feature_rows": int(m), "identities": int(n), "imprinted": int(len(good)),
             "left_out": len(left), "problems": problems.summary(5), "embedding_size": int(dim),
             "dtype": cfg.dtype, "backbone_fingerprint": fp, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _as_bytes(s: Any) -> bytes:
-    return s if isinstance(s, bytes) else str(s).encode("utf-8")
 
 
 def run(cfg: ImprintConfig, device: torch.device | str = "auto") -> Summary:

@@ -17,10 +17,8 @@ code (self removed, ties broken by lower row number, −1 padding).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,9 +28,8 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from lblctl import __version__
 from lblctl.core import ui
-from lblctl.core.artifacts import _fsync_dir, atomic_write_json, describe_file, describe_input
+from lblctl.core.artifacts import _fsync_dir, describe_input, write_manifest
 from lblctl.core.errors import LblError
 from lblctl.core.queues import QUEUES, Queues
 from lblctl.core.summary import Summary
@@ -577,25 +574,10 @@ def _id_photos(store: Any) -> Any:
 def write_index_manifest(folder: Path, files: list[str], *, params: dict[str, Any], embedding_size: int,
                          backbone_fingerprint: str | None, summary: dict[str, Any]) -> dict[str, Any]:
     """``STORE/index_manifest.json``: beside the store's own manifest, never over it."""
-    manifest = {
-        "kind": "index",
-        "lblctl_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "params": params,
-        "inputs": {"store": describe_input(folder)},
-        "embedding_size": embedding_size,
-        "backbone_fingerprint": backbone_fingerprint,
-        "files": [describe_file(folder / f, folder) for f in files],
-        "index": summary["index"],
-        "recall_at_k": summary["recall_at_k"],
-        "recall_rows": summary["recall_rows"],
-        "duplicates": summary["duplicates"],
-        "dup_threshold": summary["dup_threshold"],
-        "dup_threshold_rule": summary["dup_threshold_rule"],
-    }
-    atomic_write_json(folder / INDEX_MANIFEST, manifest)
-    return manifest
+    keys = ("index", "recall_at_k", "recall_rows", "duplicates", "dup_threshold", "dup_threshold_rule")
+    return write_manifest(folder, "index", params=params, inputs={"store": describe_input(folder)}, files=files,
+                          embedding_size=embedding_size, backbone_fingerprint=backbone_fingerprint,
+                          extra={k: summary[k] for k in keys}, filename=INDEX_MANIFEST)
 
 
 def run(cfg: BuildIndexConfig, device: Any = "auto") -> Summary:

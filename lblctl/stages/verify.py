@@ -10,37 +10,32 @@ goes on.
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import json
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lblctl import __version__
 from lblctl.core import ui
-from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_file, describe_input, read_manifest
+from lblctl.core.artifacts import MANIFEST, atomic_open, describe_input, read_manifest, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.metrics import far_key
 from lblctl.core.summary import Summary
 from lblctl.data.faces import (
-    FALSE_WORDS,
-    TRUE_WORDS,
     ImageProblem,
-    PairsFile,
     PathDataset,
     Preprocess,
     Problem,
     load_rgb_array,
     make_loader,
 )
+from lblctl.data.pairs import PairsFile
 
 ADDED_COLUMNS = ("score", "same_pred", "error")
 
@@ -274,15 +269,6 @@ def threshold_from_calibration(calibration: str | os.PathLike, far: float,
 
 
 @dataclass
-class _Row:
-    values: list[str]
-    id_path: str = ""
-    spot_path: str = ""
-    same: int | None = None
-    error: str = ""
-
-
-@dataclass
 class VerifyResult:
     rows: int = 0
     scored: int = 0
@@ -296,54 +282,13 @@ class VerifyResult:
 
 
 class PairStream(PairsFile):
-    """The pairs CSV as chunks of rows, each parsed leniently (problems go to the row's error):
-    the header checks and path resolution are :class:`lblctl.data.faces.PairsFile`'s."""
+    """The pairs CSV (:class:`lblctl.data.pairs.PairsFile`'s parser) and the scores CSV's header: the input
+    columns, less any old score/same_pred/error, then ours."""
 
     def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         super().__init__(csv_path, root)
-        self.header = self.fieldnames
-        self.col = {c: self.header.index(c) for c in ("id_image", "spot_image", "same") if c in self.header}
-        self.has_same = "same" in self.col
-        # output: the input columns (less any old score/same_pred/error) + ours
-        self.keep = [i for i, c in enumerate(self.header) if c not in ADDED_COLUMNS]
-        self.out_header = [self.header[i] for i in self.keep] + list(ADDED_COLUMNS)
-
-    def _parse(self, values: list[str]) -> _Row:
-        n = len(self.header)
-        row = _Row(values + [""] * (n - len(values)) if len(values) < n else values)
-        if len(values) > n:
-            row.error = f"malformed row: {len(values)} values for {n} columns"
-            row.values = values[:n]
-            return row
-        id_img, spot_img = row.values[self.col["id_image"]].strip(), row.values[self.col["spot_image"]].strip()
-        if not id_img or not spot_img:
-            row.error = "empty id_image" if not id_img else "empty spot_image"
-            return row
-        row.id_path, row.spot_path = self.resolve(id_img), self.resolve(spot_img)
-        if self.has_same:
-            v = row.values[self.col["same"]].strip().lower()
-            if v in TRUE_WORDS:
-                row.same = 1
-            elif v in FALSE_WORDS:
-                row.same = 0
-            elif v:
-                row.error = f"same='{row.values[self.col['same']]}' is not 1/0 or true/false"
-        return row
-
-    def chunks(self, rows: int) -> Iterator[list[_Row]]:
-        with open(self.path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            next(reader, None)
-            chunk: list[_Row] = []
-            for values in reader:
-                if not values or (len(values) == 1 and not values[0].strip()):
-                    continue  # blank line
-                chunk.append(self._parse(values))
-                if len(chunk) == rows:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+        self.keep = [i for i, c in enumerate(self.fieldnames) if c not in ADDED_COLUMNS]
+        self.out_header = [self.fieldnames[i] for i in self.keep] + list(ADDED_COLUMNS)
 
 
 def _side_error(which: str, value: np.ndarray | str) -> str:
@@ -375,12 +320,12 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
         writer.writerow(stream.out_header)
         task = bar.add_task("verify", total=total_rows, img=0)
         for chunk in stream.chunks(chunk_rows):
-            paths = [p for r in chunk if not r.error for p in (r.id_path, r.spot_path)]
+            paths = [p for r in chunk if not r.error for p in (r.id_image, r.spot_image)]
             cache.ensure(paths, advance=lambda _n: bar.update(task, img=cache.embedded + cache.failed))
             for r in chunk:
                 score_txt, pred_txt = "", ""
                 if not r.error:
-                    a, b = cache.get(r.id_path), cache.get(r.spot_path)
+                    a, b = cache.get(r.id_image), cache.get(r.spot_image)
                     r.error = _side_error("id_image", a) or _side_error("spot_image", b)
                     if not r.error:
                         score = float(np.dot(a, b))
@@ -438,18 +383,12 @@ def write_scores_manifest(out: str | os.PathLike, backbone: Any, pairs: str | os
     """``SCORES.manifest.json`` beside the CSV (a file artifact; the folder may hold other stages)."""
     out = Path(out)
     path = out.with_name(out.stem + ".manifest.json")
-    atomic_write_json(path, {
-        "kind": "verify-scores",
-        "lblctl_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "params": params,
-        "inputs": {"backbone": describe_input(backbone.path), "pairs": describe_input(pairs)},
-        "embedding_size": backbone.embedding_size,
-        "backbone_fingerprint": backbone.fingerprint,
-        "files": [describe_file(out, out.parent)],
-        "summary": {k: v for k, v in summary.items() if k not in ("error_examples",)},
-    })
+    write_manifest(out.parent, "verify-scores", params=params,
+                   inputs={"backbone": describe_input(backbone.path), "pairs": describe_input(pairs)},
+                   files=[out.name], embedding_size=backbone.embedding_size,
+                   backbone_fingerprint=backbone.fingerprint,
+                   extra={"summary": {k: v for k, v in summary.items() if k not in ("error_examples",)}},
+                   filename=path.name)
     return path
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from lblctl.core.errors import LblError
 from lblctl.core.strings import StringArray
 from lblctl.data.faces import FaceIndex, ImageProblem, Preprocess, ProblemLog, load_image
+from lblctl.data.features import FeaturesFile
 
 
 class ImageSource:
@@ -73,21 +71,9 @@ class FeatureSource:
 
     def __init__(self, path: str | os.PathLike, store_names: StringArray, embedding_size: int,
                  ram_limit_bytes: int = 2 << 30) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise LblError(f"--features {path}: no such file")
-        try:
-            self._h5 = h5py.File(path, "r")
-        except OSError as exc:
-            raise LblError(f"--features {path}: not a readable HDF5 file ({exc})") from None
-        if "features" not in self._h5 or "identities" not in self._h5:
-            raise LblError(f"--features {path}: needs datasets 'features' (M×D) and 'identities' (M)")
-        feats = self._h5["features"]
-        if feats.ndim != 2 or feats.shape[1] != embedding_size:
-            raise LblError(f"--features {path}: features are {feats.shape}, the store needs M×{embedding_size}")
-        names = StringArray.from_iter(
-            (x.decode() if isinstance(x, bytes) else str(x)) for x in self._h5["identities"].asstr()[:])
-        row_of_feature = _lookup_chunked(store_names, names)
+        self._file = FeaturesFile(path, embedding_size=embedding_size)
+        feats = self._file.features
+        row_of_feature = self._file.rows_in(store_names)
         order = np.argsort(row_of_feature, kind="stable")
         sorted_rows = row_of_feature[order]
         valid = sorted_rows >= 0
@@ -121,12 +107,4 @@ class FeatureSource:
         return torch.from_numpy(np.ascontiguousarray(x)), torch.as_tensor(labels)
 
     def close(self) -> None:
-        self._h5.close()
-
-
-def _lookup_chunked(names: StringArray, queries: StringArray, chunk: int = 1 << 16) -> np.ndarray:
-    out = np.empty(len(queries), dtype=np.int64)
-    for start in range(0, len(queries), chunk):
-        stop = min(len(queries), start + chunk)
-        out[start:stop] = names.lookup(queries[start:stop])
-    return out
+        self._file.close()
