@@ -133,12 +133,13 @@ def batch_size_of(cfg: PretrainConfig) -> int:
 
 def run(cfg: PretrainConfig, device: torch.device | str = "auto") -> Summary:
     """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest."""
-    return Summary("pretrain", pretrain(cfg, as_device(device)))
+    return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), as_device(device)))
 
 
 def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest; return a summary."""
-    cfg = replace(cfg, batch_size=batch_size_of(cfg))
+    if not cfg.batch_size:  # run() applies the whole P×K rule; here only the default
+        cfg = replace(cfg, batch_size=batch_size_of(cfg))
     out = Path(cfg.out)
     use_pk = check_loss_options(cfg)
     if latest_checkpoint(out) is not None and not cfg.resume:
