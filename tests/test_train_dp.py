@@ -24,6 +24,7 @@ from lblctl.models.backbones import create_backbone
 from lblctl.models.checkpoint import load_backbone, save_backbone
 from lblctl.models.embed import embed_paths
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
+from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_data import ImageSource
 from lblctl.train.engine import TrainConfig
 
@@ -164,13 +165,15 @@ def test_kill9_resume_rolls_back_and_matches(world: dict[str, Path], tmp_path: P
     subprocess.run(cmd(ref_store, tmp_path / "ref"), check=True, env=env, timeout=300)
     out = tmp_path / "run"
     proc = subprocess.Popen(cmd(run_store, out), env=env)
-    deadline = time.time() + 120
+    deadline = time.time() + 240
+    journal = out / "checkpoints" / "undo.bin"
     while time.time() < deadline and proc.poll() is None:
-        ck = sorted((out / "checkpoints").glob("step_*.pt"))
-        if ck and ck[-1].name >= "step_00000008.pt":
-            break
-        time.sleep(0.02)
-    time.sleep(0.25)  # a little past the checkpoint: the store is ahead of it now
+        # kill once a checkpoint ≥ 8 exists and the store is already ahead of it (undo records written)
+        if journal.exists() and any(p.name >= "step_00000008.pt" for p in (out / "checkpoints").glob("step_*.pt")):
+            step, records = UndoJournal.read(journal)
+            if step >= 8 and any(table == "prot" for table, _, _ in records):
+                break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
