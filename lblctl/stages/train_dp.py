@@ -163,7 +163,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     def select(step: int) -> np.ndarray:
         return sampler.select(step, queues.dominant if queues is not None else None)
 
-    streamer = StoreStreamer(store, journal, select, photos, overlap=cfg.overlap)
+    streamer = StoreStreamer(store, journal, select, photos, overlap=cfg.overlap, pin=device.type == "cuda")
     touched = np.zeros(n, dtype=bool)
     stats = {"queue_changes": 0}
     now: dict[str, Any] = {}

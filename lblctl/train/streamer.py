@@ -48,6 +48,20 @@ def as_stored(v: np.ndarray, dtype: str, normalise: bool) -> np.ndarray:
     return v.astype(np.float16 if dtype == "float16" else np.float32).astype(np.float32)
 
 
+def _one_torch_thread() -> None:
+    """Torch ops in this thread (stacking a batch, preprocessing) run serially.
+
+    OpenMP gives every thread that enters a parallel region its own team: with the default
+    (all cores) the streamer's first ``torch.stack`` would start a second team beside the training
+    step's, more busy threads than cores, and each of the step's parallel regions then waits at its
+    barrier for a worker the streamer preempted. ``torch.set_num_threads`` here sets this thread's
+    OpenMP team size (and the default of threads started after it, which the constructor restores);
+    the main thread's is unchanged.
+    """
+    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
+    torch.set_num_threads(1)
+
+
 class StoreStreamer:
     """Hands out the steps' data in order and takes their trained rows back.
 
@@ -58,11 +72,14 @@ class StoreStreamer:
     """
 
     def __init__(self, store: PrototypeStore, journal: UndoJournal, select: Callable[[int], np.ndarray],
-                 photos: Photos, *, overlap: bool = True) -> None:
+                 photos: Photos, *, overlap: bool = True, pin: bool = False) -> None:
         self.store, self.journal, self.select, self.photos = store, journal, select, photos
-        self.overlap = overlap
+        self.overlap, self.pin = overlap, pin  # pin: page-lock the photos, so the copy to the GPU is async
         self.wait_s = 0.0  # main thread blocked on the thread: store traffic + decoding not hidden
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lblctl-store")
+        threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lblctl-store", initializer=_one_torch_thread)
+        self._pool.submit(int).result()  # the thread exists and has set its own team size
+        torch.set_num_threads(threads)  # threads started later (none of ours) get the default again
         self._writes: deque[Future] = deque()
         self._fresh: tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self._cur: tuple[int, np.ndarray, Future | None] | None = None
@@ -74,6 +91,8 @@ class StoreStreamer:
         vec = self.store.gather(rows)
         mom = self.store.gather_momentum(rows) if self.store.has_momentum else None
         x, y = self.photos(step, rows)
+        if self.pin and x.numel():
+            x = x.pin_memory()
         return StepData(step, rows, vec, mom, x, y)
 
     def _write(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
@@ -151,3 +170,4 @@ class StoreStreamer:
         if self._nxt is not None and self._nxt[2] is not None:
             self._nxt[2].cancel()
         self._pool.shutdown(wait=True)
+
