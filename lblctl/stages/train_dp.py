@@ -1,13 +1,15 @@
 """``train-dp``: dominant-prototype softmax over all N identities with only K prototypes on the device.
 
-Each step (see :class:`lblctl.train.dp.DominantSampler`): choose K classes, gather their prototypes
-(and per-class momentum) from the store into a fixed K×D head parameter, train one step of a
-margin softmax over K on photos of those classes, write the K updated rows back, and promote the
-hardest wrong class of every sample in its class's dominant queue.
+Each step: choose K classes (:class:`lblctl.train.dp.DominantSampler`), load their prototypes and
+momentum into the K×D head (:class:`lblctl.train.dp_head.DPHead`, which applies its own SGD), train
+one step of a margin softmax over K on photos of those classes (the engine,
+:class:`lblctl.train.engine.Trainer`), write the K updated rows back, and promote the hardest wrong
+class of every sample in its class's dominant queue.
 
-Overlap: one background thread owns all store I/O, in order. While step t computes, it writes
-back step t−1 and gathers (and decodes the photos of) step t+1; rows of step t+1 that step t
-also trains are then patched with step t's fresh values, so no update is lost.
+Overlap: :class:`lblctl.train.streamer.StoreStreamer` owns all store I/O, in one background thread,
+in order. While step t computes, it writes back step t−1 and gathers (and decodes the photos of)
+step t+1; rows of step t+1 that step t also trains are then patched with step t's fresh values, so
+no update is lost.
 
 Resume: every store commit is preceded by an undo record of the rows' values at the last
 checkpoint (:class:`lblctl.train.dp.UndoJournal`); queue promotions reach their file only at
