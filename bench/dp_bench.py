@@ -166,7 +166,7 @@ def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int, repeats:
         inv = np.array([1.0 / x["samples_per_s"] for x in log if "samples_per_s" in x])
         dts = list(s["seconds"] * inv / inv.sum())  # per-step times (a step's images vary little)
         rec = {"round": tag, "pipeline": "overlap" if overlap else "serial", "seconds_per_step": float(np.mean(dts)),
-               "first_step_s": dts[0], "seconds_per_step_after_first": float(np.mean(dts[1:] or dts)),
+               "first_step_s": float(dts[0]), "seconds_per_step_after_first": float(np.mean(dts[1:] or dts)),
                "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
                "images_per_step": s["samples_per_s"] * s["seconds"] / steps,
                "loadavg": f"{load0}→{Path('/proc/loadavg').read_text().split()[0]}"}
