@@ -119,12 +119,20 @@ def run_memory(sizes: list[int], d: int, k: int, steps: int, scratch: Path) -> l
 # ----------------------------------------------------------------------------- overhead (real backbone)
 
 
-def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int) -> dict:
+def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int, repeats: int = 2) -> dict:
+    """Overlapped vs serial store traffic, measured back to back in one process.
+
+    A first (discarded) run of each warms oneDNN's kernels and the page cache: whichever pipeline
+    ran first used to pay that (~0.4 s/step over 20 steps), which read as an overlap penalty. Then
+    ``repeats`` rounds in alternating order (serial, overlap, overlap, serial, …), each step timed
+    from the log; the load average is recorded with every run since other work shares the cores.
+    """
     import torch
 
+    from lblctl.core.store import PrototypeStore
     from lblctl.data.faces import Preprocess, open_face_set
     from lblctl.models.backbones import create_backbone
-    from lblctl.models.checkpoint import save_backbone
+    from lblctl.models.checkpoint import load_backbone, save_backbone
     from lblctl.stages.train_dp import TrainDPConfig, train_dp
     from lblctl.train.engine import TrainConfig
 
@@ -134,28 +142,45 @@ def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int) -> dict:
     model = create_backbone("small_cnn", 512, 64)
     save_backbone(scratch / "bb" / "backbone.pt", model, arch="small_cnn", embedding_size=512,
                   preprocess=Preprocess(64, 0.6), arch_kwargs={})
-    base = scratch / "store_base"
-    from lblctl.models.checkpoint import load_backbone
-
     fp = load_backbone(scratch / "bb").fingerprint
-    make_synthetic_store(base, n, 512, "float32", names=list(index.names), backbone_fingerprint=fp)
-    out: dict = {"n": n, "k": k, "batch_images": batch, "steps": steps, "backbone": "small_cnn 64 px, 512-d"}
-    for overlap in (True, False):
-        store = scratch / f"store_{overlap}"
-        shutil.rmtree(store, ignore_errors=True)
-        shutil.copytree(base, store)
-        cfg = TrainDPConfig(store=store, out=scratch / f"run_{overlap}", data=faces, backbone=scratch / "bb",
-                            classes=k, sampled=16, photos_per_class=2, batch_size=batch, workers=1,
-                            overlap=overlap, freeze_backbone=False,
-                            train=TrainConfig(steps=steps, lr=0.01, schedule="constant", log_every=steps,
-                                              checkpoint_every=0, seed=0))
-        s = train_dp(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        total, wait = s["seconds"], s["wait_for_data_s"]
-        out["overlap" if overlap else "serial"] = {
-            "seconds_per_step": total / steps, "wait_for_data_s_per_step": wait / steps,
-            "overhead_vs_resident": wait / max(1e-9, total - wait)}
-        shutil.rmtree(store, ignore_errors=True)
-    shutil.rmtree(base, ignore_errors=True)
+    store = scratch / "store"  # one store for every run: its values do not change the timing
+    make_synthetic_store(store, n, 512, "float32", names=list(index.names), backbone_fingerprint=fp)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict = {"n": n, "k": k, "batch_images": batch, "steps": steps, "backbone": "small_cnn 64 px, 512-d",
+                 "torch_threads": torch.get_num_threads(), "runs": []}
+    order = [("warmup", False), ("warmup", True)]
+    for r in range(repeats):
+        pair = [False, True] if r % 2 == 0 else [True, False]
+        order += [(f"round{r}", overlap) for overlap in pair]
+    for i, (tag, overlap) in enumerate(order):
+        with PrototypeStore.open(store, "r+") as s:
+            s.set_backbone_fingerprint(fp)  # train-dp hands the store to its new backbone: hand it back
+        run = scratch / f"run_{i}"
+        load0 = Path("/proc/loadavg").read_text().split()[0]
+        cfg = TrainDPConfig(store=store, out=run, data=faces, backbone=scratch / "bb", classes=k, sampled=16,
+                            photos_per_class=2, batch_size=batch, workers=1, overlap=overlap,
+                            train=TrainConfig(steps=steps, lr=0.01, schedule="constant", log_every=1,
+                                              checkpoint_every=0, seed=i))
+        s = train_dp(cfg, device)
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        inv = np.array([1.0 / x["samples_per_s"] for x in log if "samples_per_s" in x])
+        dts = list(s["seconds"] * inv / inv.sum())  # per-step times (a step's images vary little)
+        rec = {"round": tag, "pipeline": "overlap" if overlap else "serial", "seconds_per_step": float(np.mean(dts)),
+               "first_step_s": float(dts[0]), "seconds_per_step_after_first": float(np.mean(dts[1:] or dts)),
+               "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
+               "images_per_step": s["samples_per_s"] * s["seconds"] / steps,
+               "loadavg": f"{load0}→{Path('/proc/loadavg').read_text().split()[0]}"}
+        out["runs"].append(rec)
+        print(rec, flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+    for key in ("overlap", "serial"):
+        runs = [x for x in out["runs"] if x["pipeline"] == key and x["round"] != "warmup"]
+        v = [x["seconds_per_step_after_first"] for x in runs]
+        w = [x["wait_for_data_s_per_step"] for x in runs]
+        out[key] = {"seconds_per_step": float(np.median(v)), "seconds_per_step_range": [min(v), max(v)],
+                    "wait_for_data_s_per_step": float(np.median(w)),
+                    "overhead_vs_resident": float(np.median(w)) / max(1e-9, float(np.median(v)) - float(np.median(w)))}
+    shutil.rmtree(store, ignore_errors=True)
     return out
 
 
@@ -251,13 +276,22 @@ def render(results: dict) -> str:
                       f"{r['peak_rss_mib']} | {r['cuda_peak_mib'] or '–'} | {r['store_bytes']:,} |")
     if "overhead" in results:
         o = results["overhead"]
-        md += ["", f"## Store-traffic overhead (N = {o['n']:,}, K = {o['k']}, {o['batch_images']} images/step, "
+        imgs = [x["images_per_step"] for x in o.get("runs", []) if "images_per_step" in x]
+        per = (f"{np.mean(imgs):.0f} images/step of {o['batch_images']} asked (only identities with photos "
+               "bring them)") if imgs else f"{o['batch_images']} images/step"
+        md += ["", f"## Store-traffic overhead (N = {o['n']:,}, K = {o['k']}, {per}, "
                f"{o['backbone']})", "", "| pipeline | s/step | waiting for data s/step | overhead vs resident |",
                "|---|---|---|---|"]
         for key in ("overlap", "serial"):
             v = o[key]
-            md.append(f"| {key} | {v['seconds_per_step']:.3f} | {v['wait_for_data_s_per_step']:.4f} | "
+            rng = v.get("seconds_per_step_range")
+            span = f" ({rng[0]:.3f}–{rng[1]:.3f})" if rng else ""
+            md.append(f"| {key} | {v['seconds_per_step']:.3f}{span} | {v['wait_for_data_s_per_step']:.4f} | "
                       f"{100 * v['overhead_vs_resident']:.1f} % |")
+        if o.get("runs"):
+            md += ["", "Runs in order (s/step after the first step; load average before→after):", ""]
+            md += [f"- {x['round']} {x['pipeline']}: {x['seconds_per_step_after_first']:.3f} "
+                   f"(first step {x['first_step_s']:.2f} s), load {x['loadavg']}" for x in o["runs"]]
     if "accuracy" in results:
         a = results["accuracy"]
         md += ["", f"## Accuracy: closed-set top-1 of held-out spot photos vs all {a['dp_identities']} prototypes",
@@ -280,6 +314,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2, help="overhead: rounds of (serial, overlap), order alternating")
     ap.add_argument("--scratch", default=None)
     ap.add_argument("--child-memory", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,7 +336,7 @@ def main() -> None:
             (scratch / "oh").mkdir(exist_ok=True)
             results["overhead"] = run_overhead(10_000 if args.quick else args.n, 5 if args.quick else args.steps,
                                                scratch / "oh", 128 if args.quick else args.k,
-                                               32 if args.quick else 128)
+                                               32 if args.quick else 128, 1 if args.quick else args.repeats)
         if "accuracy" in parts:
             (scratch / "acc").mkdir(exist_ok=True)
             results["accuracy"] = (run_accuracy(scratch / "acc", 60, 1, 10, 32, 8) if args.quick

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from lblctl.core.errors import LblError
+from lblctl.core.store import PrototypeStore
 from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
+from lblctl.train.streamer import StoreStreamer, as_stored
 
 
 def _queues(n: int, dq: int, seed: int = 0) -> np.ndarray:
@@ -82,3 +87,94 @@ def test_undo_journal_roundtrip_and_torn_tail(tmp_path: Path) -> None:
     assert UndoJournal.read(tmp_path / "undo.bin") == (9, [])
     assert j2.first_touch("prot", np.array([3])).tolist() == [3]
     j2.close()
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _streamer(tmp_path: Path, overlap: bool, photos=None) -> tuple[StoreStreamer, PrototypeStore, UndoJournal]:
+    n, d = 20, 8
+    PrototypeStore.create(tmp_path / "store", d, [f"p{i}" for i in range(n)],
+                          vectors=_unit(np.random.default_rng(0), n, d), momentum=True).close()
+    store = PrototypeStore.open(tmp_path / "store", "r+")
+    journal = UndoJournal(tmp_path / "undo.bin", n)
+    journal.reset(0)
+
+    def no_photos(step: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(rows), 3), torch.arange(len(rows))
+
+    def select(step: int) -> np.ndarray:
+        return (np.arange(6) + 3 * step) % n  # consecutive steps share 3 rows
+
+    return StoreStreamer(store, journal, select, photos or no_photos, overlap=overlap), store, journal
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_streamer_hands_out_fresh_rows_and_journals_old_ones(tmp_path: Path, overlap: bool) -> None:
+    st, store, journal = _streamer(tmp_path, overlap)
+    original = store.gather(np.arange(20))
+    st.start(0, st.select(0))
+    trained = {}
+    for step in range(4):
+        data = st.next()
+        assert data.step == step and np.array_equal(data.rows, st.select(step))
+        assert np.array_equal(st.next_rows, st.select(step + 1))
+        # every row as the previous steps left it (the overlap gathered before they were written)
+        expect = np.array([trained.get(int(r), original[r]) for r in data.rows])
+        assert np.array_equal(data.vectors, expect), step
+        new = _unit(np.random.default_rng(step + 1), 6, 8)
+        st.write_back(data, new, np.full((6, 8), step + 1.0, np.float32), commit_as=step + 1)
+        stored = as_stored(new, store.dtype, True)  # renormalised in float32, as the store keeps them
+        trained.update({int(r): v for r, v in zip(data.rows, stored, strict=True)})
+    st.drain()
+    assert store.committed_step == 4
+    assert np.array_equal(store.gather(np.array(sorted(trained))), np.array([trained[r] for r in sorted(trained)]))
+    assert np.array_equal(store.gather_momentum(np.array([12, 13, 14])), np.full((3, 8), 4.0))
+    st.close()
+    journal.close()
+    _, records = UndoJournal.read(tmp_path / "undo.bin")
+    saved = {int(r): v for t, rows, vals in records if t == "prot" for r, v in zip(rows, vals, strict=True)}
+    assert sorted(saved) == sorted(trained)  # each row saved once, with its value from before training
+    assert all(np.array_equal(saved[r], original[r]) for r in saved)
+    store.close()
+
+
+def test_streamer_reraises_thread_errors_in_the_caller(tmp_path: Path) -> None:
+    def photos(step: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if step == 1:
+            raise OSError("disk gone while decoding")
+        return torch.zeros(len(rows), 3), torch.arange(len(rows))
+
+    st, store, journal = _streamer(tmp_path, True, photos)
+    st.start(0, st.select(0))
+    data = st.next()
+    with pytest.raises(OSError, match="disk gone"):
+        st.next()
+    st.close()
+    store.close()
+    ro = PrototypeStore.open(tmp_path / "store")  # a writer error (read-only store) surfaces at drain()
+    st2 = StoreStreamer(ro, journal, st.select, photos, overlap=True)
+    st2.write_back(data, data.vectors, data.momentum, commit_as=1)
+    with pytest.raises(LblError, match="read-only"):
+        st2.drain()
+    st2.close()
+    ro.close()
+    journal.close()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch running more than one thread")
+def test_streamer_thread_runs_torch_single_threaded(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    st, store, journal = _streamer(tmp_path, True)
+    assert st._pool.submit(torch.get_num_threads).result() == 1  # no second OpenMP team beside the step's
+    assert torch.get_num_threads() == threads
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [threads]  # threads started afterwards keep the default
+    st.close()
+    store.close()
+    journal.close()

@@ -24,6 +24,7 @@ from lblctl.models.backbones import create_backbone
 from lblctl.models.checkpoint import load_backbone, save_backbone
 from lblctl.models.embed import embed_paths
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
+from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_data import ImageSource
 from lblctl.train.engine import TrainConfig
 
@@ -164,13 +165,15 @@ def test_kill9_resume_rolls_back_and_matches(world: dict[str, Path], tmp_path: P
     subprocess.run(cmd(ref_store, tmp_path / "ref"), check=True, env=env, timeout=300)
     out = tmp_path / "run"
     proc = subprocess.Popen(cmd(run_store, out), env=env)
-    deadline = time.time() + 120
+    deadline = time.time() + 240
+    journal = out / "checkpoints" / "undo.bin"
     while time.time() < deadline and proc.poll() is None:
-        ck = sorted((out / "checkpoints").glob("step_*.pt"))
-        if ck and ck[-1].name >= "step_00000008.pt":
-            break
-        time.sleep(0.02)
-    time.sleep(0.25)  # a little past the checkpoint: the store is ahead of it now
+        # kill once a checkpoint ≥ 8 exists and the store is already ahead of it (undo records written)
+        if journal.exists() and any(p.name >= "step_00000008.pt" for p in (out / "checkpoints").glob("step_*.pt")):
+            step, records = UndoJournal.read(journal)
+            if step >= 8 and any(table == "prot" for table, _, _ in records):
+                break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -212,3 +215,109 @@ def test_head_only_at_100k_identities(tmp_path: Path) -> None:
     assert summary["store_rows_touched"] <= 40 * k
     ls = list(losses(tmp_path / "run").values())
     assert ls[-1] < ls[0]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_backbone(path).model.state_dict().items()}
+
+
+def test_head_random_trains_without_touching_the_queues(world: dict[str, Path], tmp_path: Path) -> None:
+    store = fresh_store(world, tmp_path / "store")
+    with Queues.open(store) as q:
+        dom_before = q.all_dominant()
+    summary = train_dp(cfg_for(world, store, tmp_path / "run", steps=6, head="random"), CPU)
+    assert summary["head"] == "random" and summary["classes"] == 12 and summary["queue_changes"] == 0
+    with Queues.open(store) as q:
+        assert np.array_equal(q.all_dominant(), dom_before)  # the baseline neither reads nor learns queues
+    with PrototypeStore.open(store) as s:
+        written = (s.row_steps(np.arange(s.num_rows)) >= 1).sum()
+        assert s.committed_step == 6 and written == summary["store_rows_touched"]
+    assert summary["store_rows_touched"] > 12  # more than one step's classes: each step draws its own
+
+
+def test_head_full_trains_every_prototype_each_step(world: dict[str, Path], tmp_path: Path) -> None:
+    store = fresh_store(world, tmp_path / "store")
+    with PrototypeStore.open(store) as s:
+        n, before = s.num_rows, s.gather(np.arange(s.num_rows))
+    summary = train_dp(cfg_for(world, store, tmp_path / "run", steps=3, head="full"), CPU)
+    assert summary["classes"] == n and summary["batch_classes"] == 4  # all N on the device, photos of S
+    with PrototypeStore.open(store) as s:
+        after = s.gather(np.arange(n))
+        assert (s.row_steps(np.arange(n)) == 3).all()  # every row written by the last step
+    assert (np.abs(after - before).max(1) > 1e-6).all()  # negatives move too: the full softmax
+    assert summary["store_rows_touched"] == n and summary["queue_changes"] == 0
+
+
+def test_freeze_backbone_trains_prototypes_only(world: dict[str, Path], tmp_path: Path) -> None:
+    store = fresh_store(world, tmp_path / "store")
+    with PrototypeStore.open(store) as s:
+        before = s.gather(np.arange(s.num_rows))
+    summary = train_dp(cfg_for(world, store, tmp_path / "run", steps=5, freeze_backbone=True, head_lr=0.5), CPU)
+    old, new = _weights(world["backbone"]), _weights(tmp_path / "run" / "backbone.pt")
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)  # BN statistics too
+    with PrototypeStore.open(store, expect_backbone_fingerprint=summary["backbone_fingerprint"]) as s:
+        after = s.gather(np.arange(s.num_rows))
+    assert (np.abs(after - before).max(1) > 1e-4).sum() >= 12
+    ls = list(losses(tmp_path / "run").values())
+    assert ls[-1] < ls[0]
+
+
+def test_unfrozen_backbone_changes(world: dict[str, Path], tmp_path: Path) -> None:
+    """The counterpart of the frozen run: the same options without --freeze-backbone move the weights."""
+    store = fresh_store(world, tmp_path / "store")
+    train_dp(cfg_for(world, store, tmp_path / "run", steps=2), CPU)
+    old, new = _weights(world["backbone"]), _weights(tmp_path / "run" / "backbone.pt")
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def _feature_world(root: Path, n: int = 60, d: int = 16) -> tuple[Path, Path]:
+    """Features of n identities (3 each) around hidden centres, and a store of noisy prototypes."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((n, d)).astype(np.float32)
+    names = [f"p{i:03d}" for i in range(n)]
+    with h5py.File(root / "feats.h5", "w") as f:
+        f["features"] = np.repeat(centres, 3, axis=0) + 0.3 * rng.standard_normal((3 * n, d)).astype(np.float32)
+        f["identities"] = np.repeat(np.array(names, dtype=object), 3).astype(h5py.string_dtype())
+    noisy = centres + rng.standard_normal((n, d)).astype(np.float32)
+    PrototypeStore.create(root / "store", d, names, vectors=noisy / np.linalg.norm(noisy, axis=1, keepdims=True),
+                          momentum=True).close()
+    exact_queues(root / "store", noisy / np.linalg.norm(noisy, axis=1, keepdims=True), cq=8, dq=4)
+    return root / "feats.h5", root / "store"
+
+
+def _feature_cfg(feats: Path, store: Path, out: Path, **kw) -> TrainDPConfig:
+    return TrainDPConfig(store=store, out=out, features=feats, classes=16, sampled=4, photos_per_class=2,
+                         train=TrainConfig(steps=8, lr=0.1, weight_decay=0.0, schedule="constant", log_every=1,
+                                           seed=0), **kw)
+
+
+def test_projection_learns_a_linear_map_head_only(tmp_path: Path) -> None:
+    feats, store = _feature_world(tmp_path)
+    plain = train_dp(_feature_cfg(feats, store, tmp_path / "plain"), CPU)
+    state = torch.load(plain_ck := sorted((tmp_path / "plain" / "checkpoints").glob("step_*.pt"))[-1],
+                       weights_only=True)
+    assert "backbone" not in state["modules"], plain_ck  # head-only: nothing but prototypes is trained
+    shutil.rmtree(store)
+    feats, store = _feature_world(tmp_path)
+    proj = train_dp(_feature_cfg(feats, store, tmp_path / "proj", projection=True), CPU)
+    state = torch.load(sorted((tmp_path / "proj" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    w = state["modules"]["backbone"]["weight"]
+    assert w.shape == (16, 16) and not torch.allclose(w, torch.eye(16))  # the projection moved off identity
+    assert proj["backbone_fingerprint"] is None and plain["steps"] == proj["steps"] == 8
+    assert json.loads((tmp_path / "proj" / "manifest.json").read_text())["kind"] == "train-dp"
+    assert losses(tmp_path / "proj") != losses(tmp_path / "plain")
+
+
+def test_out_store_trains_a_copy_and_leaves_the_source(world: dict[str, Path], tmp_path: Path) -> None:
+    src = fresh_store(world, tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    dst = tmp_path / "copy"
+    summary = train_dp(cfg_for(world, src, tmp_path / "run", steps=4, out_store=dst), CPU)
+    assert summary["store"] == str(dst)
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before  # byte for byte
+    with PrototypeStore.open(src) as s0, PrototypeStore.open(dst) as s1:
+        assert s0.committed_step != 4 and s1.committed_step == 4
+        rows = np.arange(s0.num_rows)
+        assert (np.abs(s1.gather(rows) - s0.gather(rows)).max(1) > 1e-6).sum() >= 12
+    with pytest.raises(LblError, match="already holds a store"):  # never overwritten without --resume
+        train_dp(cfg_for(world, src, tmp_path / "run2", steps=4, out_store=dst), CPU)

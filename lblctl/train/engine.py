@@ -100,18 +100,30 @@ class Trainer:
     """Runs ``cfg.steps`` optimisation steps over the batches given per epoch."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, modules: dict[str, nn.Module],
-                 param_groups: list[dict[str, Any]], out_dir: str | os.PathLike) -> None:
+                 param_groups: list[dict[str, Any]], out_dir: str | os.PathLike,
+                 extra_optimizers: list[torch.optim.Optimizer] | tuple[()] = ()) -> None:
+        """``extra_optimizers``: optimisers a module owns (train-dp's DP head), stepped, loss-scaled,
+        clipped and scheduled with the engine's own; their state lives with their module, so only
+        the first optimiser is checkpointed. ``param_groups`` may be empty when they are given."""
         cfg.validate()
         self.cfg, self.device, self.modules = cfg, device, modules
         self.out_dir = Path(out_dir)
+        self.optimizers: list[torch.optim.Optimizer] = []
         for group in param_groups:
             group.setdefault("lr", cfg.lr)
             group["base_lr"] = group["lr"]
-        if cfg.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if param_groups and cfg.optimizer == "sgd":
+            self.optimizers.append(torch.optim.SGD(
+                param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        elif param_groups:
+            self.optimizers.append(torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        for opt in extra_optimizers:
+            for group in opt.param_groups:
+                group["base_lr"] = group["lr"]
+            self.optimizers.append(opt)
+        if not self.optimizers:
+            raise LblError("nothing to train: no parameters were given to the optimiser")
+        self.optimizer: torch.optim.Optimizer = self.optimizers[0]
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.aug = torch.Generator().manual_seed(cfg.seed)  # main-process augmentation randomness
@@ -133,22 +145,26 @@ class Trainer:
 
     def _set_lr(self) -> None:
         f = lr_factor(self.cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * f
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * f
 
     def backward_step(self, loss: torch.Tensor) -> float:
         """Backward, unscale, clip, step, zero grads, advance the schedule; returns the grad norm."""
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if self.cfg.grad_clip > 0 and params:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))) \
                 if params else 0.0
-        self.scaler.step(self.optimizer)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.step += 1
         self._set_lr()
         return norm
