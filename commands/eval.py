@@ -1,7 +1,7 @@
 """Measure a backbone: verification on labelled pairs, identification against a gallery.
 
-Verification (--pairs, a CSV id_image,spot_image,same[,fold]): 10-fold accuracy (the CSV's
-fold column when present, as LFW's protocol), ROC, AUC, EER, TAR and threshold at FAR 1e-1 …
+Verification (--pairs, a CSV id_image,spot_image,same[,fold]): k-fold accuracy (--folds, default
+10; the CSV's fold column when present, as LFW's protocol), ROC, AUC, EER, TAR and threshold at FAR 1e-1 …
 1e-6 (null, with the reason, when there are fewer impostor pairs than 1/FAR). Identification:
 top-1 / top-5 of spot photos against ID photos (--data IDS), a gallery CSV (--gallery G.csv
 --probes P.csv, columns identity,image), or the prototypes of a store (--store STORE), searched
@@ -27,7 +27,7 @@ from lblctl.stages.evaluate import EvalConfig, evaluate, metrics_table
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
 
-SHORT_HELP = "Verification (TAR@FAR, EER, 10-fold) and identification (top-1/5) figures."
+SHORT_HELP = "Verification (TAR@FAR, EER, k-fold accuracy) and identification (top-1/5) figures."
 
 
 def main(
@@ -45,6 +45,7 @@ def main(
     folds: Annotated[int, typer.Option(help="Folds when the pairs CSV has no fold column.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a report already in --out.")] = False,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
@@ -55,7 +56,7 @@ def main(
     cfg = EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
                      store=store, flip=flip, batch_size=batch_size,
                      workers=default_workers(workers), center_crop=center_crop,
-                     folds=folds, seed=seed)
+                     folds=folds, seed=seed, overwrite=overwrite)
     summary, metrics, reasons = evaluate(cfg, dev)
     if json_out:
         finish(summary, "eval", True)

@@ -10,6 +10,9 @@ given (--threshold) or taken from an eval report at a false-accept rate
 (--far 1e-3 --calibration REPORT/metrics.json, made with the same backbone).
 --backbone takes an lblctl RUN / backbone.pt or an ONNX recognition model.
 
+Exit status: 0 when every row was scored, 3 when any row failed (SCORES.csv is still written, with
+the reason in its error column), 2 on a user error.
+
 Example (CPU):
 
     lblctl verify-pair --backbone run --pairs pairs.csv --out scores.csv --far 1e-2 --calibration report/metrics.json
@@ -27,7 +30,9 @@ from lblctl.core.errors import LblError
 from lblctl.core.runtime import default_workers
 from lblctl.models.checkpoint import open_backbone
 from lblctl.stages.verify import (
+    ROWS_FAILED_EXIT,
     backbone_identities,
+    check_scores_out,
     make_dataset_factory,
     threshold_from_calibration,
     verify_pairs,
@@ -58,6 +63,7 @@ def main(
     chunk_rows: Annotated[int, typer.Option(help="CSV rows read, scored and written at a time.")] = 8192,
     cache_size: Annotated[int, typer.Option(help="Embeddings kept (LRU) across chunks; 0 = no cache.")] = 50_000,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
@@ -71,6 +77,7 @@ def main(
         raise LblError("--far needs --calibration REPORT/metrics.json (an eval report made with this backbone)")
     if not pairs.is_file():
         raise LblError(f"--pairs {pairs}: no such file")
+    check_scores_out(out, overwrite)
     bb = open_backbone(backbone, dev)
     if center_crop is not None:
         bb.preprocess = replace(bb.preprocess, center_crop=center_crop)
@@ -79,11 +86,14 @@ def main(
         threshold = threshold_from_calibration(calibration, far, backbone_identities(bb), flip)
     summary = verify_pairs(bb, pairs, out, threshold, flip=flip, batch_size=batch_size,
                            workers=default_workers(workers), chunk_rows=chunk_rows,
-                           cache_size=cache_size, dataset_factory=factory)
+                           cache_size=cache_size, dataset_factory=factory, overwrite=overwrite)
     params = {"threshold": threshold, "far": far, "calibration": str(calibration) if calibration else None,
               "flip": flip, "align": align, "align_model": str(align_model) if align_model else None,
               "center_crop": 1.0 if factory else bb.preprocess.center_crop, "input_size": bb.preprocess.input_size}
     write_scores_manifest(out, bb, pairs, params, summary)
     if far is not None:
         summary["threshold_from"] = f"FAR {far:g} in {calibration}"
+        summary["far_requested"] = far
     finish(summary, "verify-pair", json_out)
+    if summary["failed"]:
+        raise typer.Exit(ROWS_FAILED_EXIT)

@@ -8,7 +8,7 @@ raw="$here/data/faces"
 work="${LBLCTL_QUICKSTART_OUT:-$here/../quickstart_out}"
 mkdir -p "$work"
 work="$(cd "$work" && pwd)"
-for sub in aligned run store run2 report_before report_after; do rm -rf "${work:?}/$sub"; done
+for sub in aligned run store run2 report_before report_after scores.csv; do rm -rf "${work:?}/$sub"; done
 if command -v lblctl >/dev/null 2>&1; then L=(lblctl); else L=(python3 -m lblctl.cli); fi
 if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 common=(--device "${LBLCTL_DEVICE:-auto}" --seed 0)
@@ -103,5 +103,5 @@ for key in ("top1", "top5"):
 print(f"{'accuracy':11}{b['verification']['accuracy']:8.3f}{f['verification']['accuracy']:8.3f}")
 print(f"{'AUC':11}{b['verification']['auc']:8.3f}{f['verification']['auc']:8.3f}")
 v = j("verify.json")
-print("verify-pair:", {k: v[k] for k in v if k in ("scored", "failed", "accuracy", "threshold", "tar", "far")})
+print("verify-pair:", {k: v[k] for k in v if k in ("scored", "failed", "accuracy", "threshold", "tar", "far_measured")})
 PY

@@ -127,7 +127,7 @@ def test_verification_section_keys():
     scores, same = _labels(rng.normal(0.6, 0.1, 150), rng.normal(0.1, 0.1, 250))
     section, reasons = verification_metrics(scores, same)
     assert list(section) == ["accuracy", "accuracy_std", "auc", "eer", "tar_at_far", "threshold_at_far",
-                             "pairs", "genuine", "impostor"]
+                             "pairs", "genuine", "impostor", "folds"]
     assert list(section["tar_at_far"]) == list(FAR_TARGETS) == list(section["threshold_at_far"])
     assert (section["pairs"], section["genuine"], section["impostor"]) == (400, 150, 250)
     assert set(reasons) == {"1e-3", "1e-4", "1e-5", "1e-6"}

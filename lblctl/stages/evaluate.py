@@ -56,6 +56,7 @@ class EvalConfig:
     center_crop: float | None = None
     folds: int = 10
     seed: int = 0
+    overwrite: bool = False  # replace an earlier report in ``out`` (else refuse, as the other stages do)
 
 
 def _check_options(cfg: EvalConfig) -> None:
@@ -81,6 +82,10 @@ def _check_options(cfg: EvalConfig) -> None:
     for opt, p in (("--data", cfg.data), ("--store", cfg.store)):
         if p is not None and not Path(p).exists():
             raise LblError(f"{opt} {p}: no such file or folder")
+    out = Path(cfg.out)
+    if not cfg.overwrite and (out / METRICS).exists():
+        raise LblError(f"--out {out}: already holds an eval report; add --overwrite to replace it "
+                       "or choose a new --out")
 
 
 # --------------------------------------------------------------------------- verification
@@ -404,7 +409,7 @@ def metrics_table(metrics: dict[str, Any], reasons: dict[str, str]):
     v = metrics.get("verification")
     if v:
         table.add_row("pairs (genuine / impostor)", f"{v['pairs']}", f"{v['genuine']} / {v['impostor']}")
-        table.add_row("10-fold accuracy", f"{v['accuracy']:.4f}", f"± {v['accuracy_std']:.4f}")
+        table.add_row(f"{v.get('folds', 10)}-fold accuracy", f"{v['accuracy']:.4f}", f"± {v['accuracy_std']:.4f}")
         table.add_row("AUC", f"{v['auc']:.4f}", "")
         table.add_row("EER", f"{v['eer']:.4f}", "")
         for key in FAR_TARGETS:

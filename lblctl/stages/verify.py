@@ -42,6 +42,7 @@ from lblctl.data.faces import (
 )
 
 ADDED_COLUMNS = ("score", "same_pred", "error")
+ROWS_FAILED_EXIT = 3  # verify-pair's exit status when any row could not be scored (documented in --help)
 
 
 class AlignedPathDataset(PathDataset):
@@ -231,6 +232,8 @@ def threshold_from_calibration(calibration: str | os.PathLike, far: float,
                                flip: bool | None = None) -> float:
     """The threshold at ``far`` from an eval report's ``metrics.json`` made with the same backbone
     (``backbone_fingerprint``: one fingerprint, or several that all stand for it)."""
+    if not math.isfinite(far) or not 0 < far < 1:
+        raise LblError(f"--far {far}: a false-accept rate is between 0 and 1 (exclusive); use 1e-1 … 1e-6")
     path = Path(calibration)
     if path.is_dir():
         path = path / "metrics.json"
@@ -349,11 +352,19 @@ def _side_error(which: str, value: np.ndarray | str) -> str:
     return f"{which}: {value}" if isinstance(value, str) else ""
 
 
+def check_scores_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an earlier SCORES.csv unless asked (as every other stage refuses its --out)."""
+    if not overwrite and Path(out).exists():
+        raise LblError(f"--out {out}: already exists; add --overwrite to replace it or choose a new file")
+
+
 def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike, threshold: float, *,
                  flip: bool = False, batch_size: int = 64, workers: int = 0, chunk_rows: int = 8192,
                  cache_size: int | None = 50_000, root: str | os.PathLike | None = None,
-                 dataset_factory: Callable[[list[str]], PathDataset] | None = None) -> dict[str, Any]:
+                 dataset_factory: Callable[[list[str]], PathDataset] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Score every row of ``pairs`` into ``out`` (input columns + score, same_pred, error)."""
+    check_scores_out(out, overwrite)
     if chunk_rows < 1:
         raise LblError(f"--chunk-rows {chunk_rows}: must be at least 1")
     if not math.isfinite(threshold):
@@ -415,7 +426,8 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
             "labelled": labelled,
             "accuracy": (res.tp + res.tn) / labelled,
             "tar": res.tp / (res.tp + res.fn) if res.tp + res.fn else None,
-            "far": res.fp / (res.fp + res.tn) if res.fp + res.tn else None,
+            # the rate measured on this file's labels (the --far asked for is ``far_requested``)
+            "far_measured": res.fp / (res.fp + res.tn) if res.fp + res.tn else None,
             "genuine": res.tp + res.fn, "impostor": res.fp + res.tn,
         })
     if res.failed:
