@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ import pytest
 import torch
 
 from lblctl.cli import main
+from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import Preprocess, open_face_set
+from lblctl.models.backbones import create_backbone
+from lblctl.models.checkpoint import load_backbone, save_backbone
+from lblctl.models.embed import embed_paths
 
 from .conftest import MODELS, copy_slice, lfw_identities
 from .test_export import make_backbone
@@ -154,3 +160,76 @@ def test_verify_pair_far_keys_exit_status_and_overwrite(capsys: pytest.CaptureFi
     assert code == 0 and json.loads(stdout)["failed"] == 0, err
     code, stdout, _ = run_cli(capsys, "verify-pair", "--help")
     assert code == 0 and "3 when any row failed" in " ".join(stdout.split())
+
+
+# --------------------------------------------------------------------------- 9, 11: train-dp / build-index values
+
+
+@pytest.fixture(scope="module")
+def dp_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """40 real LFW identities × 3 photos, an untrained small CNN (32 px), an imprinted store (no queues)."""
+    root = tmp_path_factory.mktemp("dpw")
+    faces = copy_slice(root / "faces", lfw_identities(3, 40), 3)
+    torch.manual_seed(0)
+    model = create_backbone("small_cnn", 32, 32, width=8).eval()
+    save_backbone(root / "run" / "backbone.pt", model, arch="small_cnn", embedding_size=32,
+                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 8})
+    bb = load_backbone(root / "run")
+    index = open_face_set(faces)
+    emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
+    PrototypeStore.create(root / "store", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
+                          vectors=emb.vectors, momentum=True).close()
+    return {"root": root, "faces": faces, "backbone": root / "run" / "backbone.pt", "store": root / "store"}
+
+
+def indexed_store(capsys: pytest.CaptureFixture, dp_world: dict[str, Path], dest: Path) -> Path:
+    shutil.copytree(dp_world["store"], dest)
+    code, _, err = run_cli(capsys, "build-index", "--store", str(dest), "--candidates", "8", "--dominant", "4",
+                           "--json")
+    assert code == 0, err
+    return dest
+
+
+def train_dp_args(dp_world: dict[str, Path], store: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-dp", "--data", str(dp_world["faces"]), "--backbone", str(dp_world["backbone"]),
+            "--store", str(store), "--out", str(out), "--workers", "0", "--device", "cpu", "--json", *extra]
+
+
+def test_clamped_sizes_are_reported(capsys: pytest.CaptureFixture, dp_world: dict[str, Path],
+                                    tmp_path: Path) -> None:
+    """Item 9: K/S and queue widths larger than N are cut with a warning, and the summary holds what was used."""
+    store = tmp_path / "store"
+    shutil.copytree(dp_world["store"], store)
+    code, out, err = run_cli(capsys, "build-index", "--store", str(store), "--candidates", "50", "--dominant", "20",
+                             "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["candidates"], summary["dominant"]) == (39, 20)
+    assert "using --candidates 39" in " ".join(err.split())
+    with Queues.open(store, "r") as q:
+        assert q.dominant(np.arange(3)).shape[1] == 20
+    code, out, err = run_cli(capsys, *train_dp_args(dp_world, store, tmp_path / "run2", "--classes", "1024",
+                                                    "--sampled", "256", "--steps", "1"))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["classes"], summary["sampled"]) == (40, 40)
+    assert "using --classes 40 --sampled 40" in " ".join(err.split())
+
+
+def test_each_loss_gets_its_own_defaults(capsys: pytest.CaptureFixture, dp_world: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    """Item 11: train-dp --loss arcface trains with s = 64, m = 0.5 unless given (not cosface's 24 / 0.2)."""
+    store = indexed_store(capsys, dp_world, tmp_path / "store")
+    base = train_dp_args(dp_world, store, tmp_path / "a", "--classes", "8", "--sampled", "2", "--steps", "1",
+                         "--out-store")
+    code, out, err = run_cli(capsys, *base, str(tmp_path / "sa"), "--loss", "arcface")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == {"name": "arcface", "s": 64.0, "m": 0.5}
+    base[base.index("--out") + 1] = str(tmp_path / "b")
+    code, out, err = run_cli(capsys, *base, str(tmp_path / "sb"), "--loss", "arcface", "-m", "0.3")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == {"name": "arcface", "s": 64.0, "m": 0.3}
+    base[base.index("--out") + 1] = str(tmp_path / "c")
+    code, out, err = run_cli(capsys, *base, str(tmp_path / "sc"))
+    assert code == 0, err
+    assert json.loads(out)["loss"] == {"name": "cosface", "s": 24.0, "m": 0.2}

@@ -490,10 +490,11 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
     use_gpu = bool(use_gpu and gpu_count() > 0)
     t_start = time.perf_counter()
     with PrototypeStore.open(folder, "r") as store:
-        n, d, k = store.num_rows, store.embedding_size, cfg.candidates
+        n, d = store.num_rows, store.embedding_size
         if n < 2:
             raise LblError(f"{folder}: the store holds {n} identit{'y' if n == 1 else 'ies'}; "
                            "queues need at least 2")
+        k, dominant = queue_sizes(n, cfg.candidates, cfg.dominant)
         spec = choose_index(n, d, k, cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
         where = "GPU" if use_gpu else "CPU"
         ui.info(f"{n} prototypes × {d}: {spec.kind} index ({spec.reason}); faiss on {where}")
@@ -505,7 +506,7 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         attrs = {"embedding_size": d, "backbone_fingerprint": store.backbone_fingerprint or "",
                  "index": json.dumps(spec.as_dict())}
         t0 = time.perf_counter()
-        with Queues.create(folder / QUEUES, n, k, cfg.dominant, attrs) as writer:
+        with Queues.create(folder / QUEUES, n, k, dominant, attrs) as writer:
             search_all(index, store, spec, k, writer.write, batch_size=cfg.batch_size, use_gpu=use_gpu)
             writer.commit()
         search_s = time.perf_counter() - t0
@@ -540,7 +541,7 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         "index": spec.as_dict(),
         "faiss_device": "gpu" if use_gpu else "cpu",
         "candidates": k,
-        "dominant": cfg.dominant,
+        "dominant": dominant,
         "recall_at_k": round(recall, 5),
         "recall_rows": recall_rows,
         "recall_note": ("exact index" if spec.kind == "flat"
@@ -557,6 +558,15 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
     write_index_manifest(folder, files, params={k2: v for k2, v in vars(cfg).items() if k2 != "store"},
                          embedding_size=d, backbone_fingerprint=backbone_fp, summary=summary)
     return summary
+
+
+def queue_sizes(n: int, candidates: int, dominant: int) -> tuple[int, int]:
+    """Queue widths that fit N identities (at most N − 1 others each), with a warning when cut."""
+    k, dq = min(candidates, n - 1), min(dominant, n - 1)
+    if (k, dq) != (candidates, dominant):
+        ui.warn(f"--candidates {candidates} / --dominant {dominant}: the store holds {n} identities, so each "
+                f"has only {n - 1} others; using --candidates {k} --dominant {dq}")
+    return k, dq
 
 
 def _given_threshold(value: float):

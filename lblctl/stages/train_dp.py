@@ -35,7 +35,7 @@ from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
 from lblctl.data.faces import open_face_set
 from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
-from lblctl.models.losses import build_loss
+from lblctl.models.losses import build_loss, resolve_loss_options
 from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
 from lblctl.train.dp_data import FeatureSource, ImageSource
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
@@ -58,7 +58,7 @@ class TrainDPConfig:
     photos_per_class: int = 2
     batch_size: int = 0  # images per step; 0 = K × photos_per_class
     loss: str = "cosface"
-    loss_kwargs: dict[str, float] = field(default_factory=lambda: {"s": 24.0, "m": 0.2})
+    loss_kwargs: dict[str, float | None] = field(default_factory=dict)  # s, m; missing/None: the loss's defaults
     head_lr: float | None = None
     freeze_backbone: bool = False
     projection: bool = False  # head-only mode: also learn a linear projection of the features
@@ -166,6 +166,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     if len(source.trainable) == 0:
         raise LblError("no store identity has photos in --data/--features (names must match the store's)")
     sampler = DominantSampler(n, source.trainable, cfg.classes, cfg.sampled, cfg.train.seed, mode=cfg.head)
+    _warn_clamped(cfg, sampler, n)
     k = sampler.classes
     per_class = cfg.photos_per_class
     if cfg.batch_size > 0:
@@ -186,7 +187,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         modules["backbone"] = model
         groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad]})
     trainer = Trainer(tcfg, device, modules, groups, out)
-    loss_fn = build_loss(cfg.loss, **cfg.loss_kwargs)
+    loss_options = resolve_loss_options(cfg.loss, cfg.loss_kwargs)
+    loss_fn = build_loss(cfg.loss, **loss_options)
     has_mom = store.has_momentum
     if not has_mom:
         ui.warn(f"{store_dir}: the store keeps no momentum, so prototypes restart SGD momentum whenever they "
@@ -375,7 +377,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
     summary = {
         "out": str(out), "store": str(store_dir), "head": cfg.head, "classes": k, "sampled": sampler.sampled,
-        "batch_classes": batch_classes, "identities": n, "trainable_identities": int(len(source.trainable)),
+        "batch_classes": batch_classes, "loss": {"name": cfg.loss, **loss_options},
+        "identities": n, "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
         "wait_for_data_s": stats["wait_s"],
         "backbone_fingerprint": fingerprint, "problems": source.problems.summary(), "device": str(device),
@@ -392,6 +395,14 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
                    extra={"summary": {x: summary[x] for x in ("steps", "final_loss", "store_rows_touched",
                                                               "queue_changes")}})
     return summary
+
+
+def _warn_clamped(cfg: TrainDPConfig, sampler: DominantSampler, n: int) -> None:
+    """Say so when K or S had to shrink to fit the store (the summary holds the values used)."""
+    if cfg.head != "full" and (sampler.classes, sampler.sampled) != (cfg.classes, cfg.sampled):
+        ui.warn(f"--classes {cfg.classes} / --sampled {cfg.sampled}: the store holds {n} identities "
+                f"({len(sampler.trainable)} with photos); using --classes {sampler.classes} "
+                f"--sampled {sampler.sampled}")
 
 
 def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int) -> None:
