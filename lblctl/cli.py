@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 
 import typer
@@ -54,6 +55,18 @@ for module, name in STAGES:
     app.command(name=name, help=mod.__doc__, short_help=mod.SHORT_HELP, no_args_is_help=True)(mod.main)
 
 
+def interrupt_message(args: list[str]) -> str:
+    """What Ctrl-C / SIGTERM left behind, and the exact command that continues from it."""
+    from lblctl.train.engine import Interrupted
+
+    saved = Interrupted.last.saved if Interrupted.last is not None else None
+    if saved is None:
+        return ("error: interrupted; run the same command again (training stages: add --resume) to continue "
+                "where it stopped")
+    again = shlex.join(["lblctl", *args, *([] if "--resume" in args else ["--resume"])])
+    return f"interrupted: saved {saved}; continue with:\n  {again}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line ``error: …`` and exit 2 for user errors; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -66,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         ui.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        ui.console.print("[red]error:[/red] interrupted; run the same command again (training stages: add "
-                         "--resume) to continue where it stopped")
+        ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         ui.console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} "
                          "(a bug in lblctl; re-run with --debug for the traceback and report it)", soft_wrap=True)
         sys.exit(1)
+    if rc == 130:  # typer turns a KeyboardInterrupt into exit code 130 before the handler above sees it
+        ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

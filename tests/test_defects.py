@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +237,75 @@ def test_each_loss_gets_its_own_defaults(capsys: pytest.CaptureFixture, dp_world
     code, out, err = run_cli(capsys, *base, str(tmp_path / "sc"))
     assert code == 0, err
     assert json.loads(out)["loss"] == {"name": "cosface", "s": 24.0, "m": 0.2}
+
+
+# ------------------------------------------------------------------ 5: Ctrl-C / SIGTERM save, say how to resume
+
+
+def interrupt_when(cmd: list[str], ready: Path, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``lblctl`` ARGS, send ``sig`` once ``ready`` exists (no fixed sleeps), return the finished process."""
+    proc = subprocess.Popen([sys.executable, "-m", "lblctl.cli", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def resume_command(err: str) -> list[str]:
+    lines = err.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("interrupted: saved checkpoint"))
+    cmd = shlex.split(lines[i + 1])
+    assert cmd[0] == "lblctl" and cmd[-1] == "--resume"
+    return cmd[1:]
+
+
+def saved_step(err: str) -> int:
+    line = next(ln for ln in err.splitlines() if ln.startswith("interrupted: saved checkpoint"))
+    return int(line.split("(step ")[1].split(" ")[0])
+
+
+def test_interrupted_train_dp_checkpoints_and_prints_the_resume_command(
+        capsys: pytest.CaptureFixture, dp_world: dict[str, Path], tmp_path: Path) -> None:
+    """Item 5: SIGINT after the first checkpoint → a checkpoint at the current step, the store committed at
+    it, the exact --resume command printed; that command resumes from there and SIGTERM saves again."""
+    store = indexed_store(capsys, dp_world, tmp_path / "store")
+    out = tmp_path / "run2"
+    args = train_dp_args(dp_world, store, out, "--classes", "8", "--sampled", "2", "--steps", "100000",
+                         "--checkpoint-every", "3")
+    proc = interrupt_when(args, out / "checkpoints" / "step_00000003.pt", signal.SIGINT)
+    assert proc.returncode == 130, proc.stderr
+    step = saved_step(proc.stderr)
+    assert step >= 3 and (out / "checkpoints" / f"step_{step:08d}.pt").exists()
+    with PrototypeStore.open(store, "r") as st:
+        assert st.committed_step == step  # every step up to the checkpoint written back, none after
+    again = resume_command(proc.stderr)
+    assert again == [*args, "--resume"]
+    later = out / "checkpoints" / f"step_{(step // 3 + 1) * 3:08d}.pt"
+    proc2 = interrupt_when(again, later, signal.SIGTERM)
+    assert proc2.returncode == 130, proc2.stderr
+    assert f"resuming train-dp from step {step}" in proc2.stderr
+    assert saved_step(proc2.stderr) > step
+
+
+def test_interrupted_imprint_keeps_finished_identities(tmp_path: Path, dp_world: dict[str, Path]) -> None:
+    """Item 5 (imprint): an interrupt between batches commits the identities done; --resume finishes the
+    store with the same prototypes as an uninterrupted run."""
+    from lblctl.stages.imprint import ImprintConfig, imprint
+    from lblctl.train.engine import Interrupted
+
+    def cfg(out: Path, resume: bool = False) -> ImprintConfig:
+        return ImprintConfig(out=out, data=dp_world["faces"], backbone=dp_world["backbone"], photos="all",
+                             batch_size=8, checkpoint_identities=4, resume=resume)
+
+    with pytest.raises(Interrupted, match=r"of 40\) in"):
+        imprint(cfg(tmp_path / "s"), CPU, on_checkpoint=lambda done: os.kill(os.getpid(), signal.SIGINT))
+    summary = imprint(cfg(tmp_path / "s", resume=True), CPU)
+    assert summary["resumed_from"] > 0 and summary["imprinted"] == 40
+    imprint(cfg(tmp_path / "ref"), CPU)
+    with PrototypeStore.open(tmp_path / "s", "r") as a, PrototypeStore.open(tmp_path / "ref", "r") as b:
+        np.testing.assert_allclose(a.gather(np.arange(40)), b.gather(np.arange(40)), atol=1e-6)
