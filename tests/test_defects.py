@@ -309,3 +309,35 @@ def test_interrupted_imprint_keeps_finished_identities(tmp_path: Path, dp_world:
     imprint(cfg(tmp_path / "ref"), CPU)
     with PrototypeStore.open(tmp_path / "s", "r") as a, PrototypeStore.open(tmp_path / "ref", "r") as b:
         np.testing.assert_allclose(a.gather(np.arange(40)), b.gather(np.arange(40)), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 4: a finished train-dp given --resume
+
+
+def test_finished_train_dp_with_resume_reports_complete(capsys: pytest.CaptureFixture, dp_world: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """Item 4: --resume on a finished run exits 0 with the same summary; a different length says how to
+    continue from it; neither touches the trained store nor advises re-imprinting."""
+    store = indexed_store(capsys, dp_world, tmp_path / "store")
+    out = tmp_path / "run2"
+    args = train_dp_args(dp_world, store, out, "--classes", "8", "--sampled", "2", "--steps", "3")
+    code, first, err = run_cli(capsys, *args)
+    assert code == 0, err
+    with PrototypeStore.open(store, "r") as st:
+        trained = st.gather(np.arange(40)).copy()
+    code, again, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    a, b = json.loads(first), json.loads(again)
+    assert b.pop("already_complete") is True and a == b
+    code, _, err = run_cli(capsys, *args)
+    line = one_error_line(err)
+    assert code == 2 and "finished" in line and f"--backbone {out}" in line and "imprint" not in line
+    code, _, err = run_cli(capsys, *args[:-1], "6", "--resume")
+    line = one_error_line(err)
+    assert code == 2 and "--out NEW_FOLDER" in line and "imprint" not in line
+    with PrototypeStore.open(store, "r") as st:
+        np.testing.assert_array_equal(st.gather(np.arange(40)), trained)
+    nxt = train_dp_args(dp_world, store, tmp_path / "run3", "--classes", "8", "--sampled", "2", "--steps", "2")
+    nxt[nxt.index("--backbone") + 1] = str(out)
+    code, _, err = run_cli(capsys, *nxt)  # the advice works: train further from RUN2
+    assert code == 0, err

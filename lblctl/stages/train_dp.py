@@ -17,6 +17,7 @@ same selections, photos and RNG streams.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from lblctl.core import ui
-from lblctl.core.artifacts import describe_input, write_manifest
+from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
@@ -124,7 +125,33 @@ def _prepare_store(cfg: TrainDPConfig) -> Path:
     return dst
 
 
+def finished_run(cfg: TrainDPConfig) -> dict[str, Any] | None:
+    """A run that already finished in ``--out``: with ``--resume`` and the same length, its summary
+    (nothing to do); otherwise how to train further. Never touches the store, whose prototypes now
+    belong with ``OUT/backbone.pt`` (re-imprinting would throw that training away)."""
+    out = Path(cfg.out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        params = manifest["params"]
+        if "head" not in params or "summary" not in manifest:
+            return None  # not a train-dp run's manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    steps = manifest["summary"].get("steps")
+    same = params.get("epochs") == cfg.epochs and (cfg.epochs is not None or
+                                                   params.get("train", {}).get("steps") == cfg.train.steps)
+    if cfg.resume and same:
+        ui.info(f"--out {out}: this train-dp run already finished ({steps} steps); nothing to resume")
+        return {**manifest["summary"], "already_complete": True}
+    again = f"--backbone {out}" if (out / FILENAME).exists() else "--features …"
+    raise LblError(f"--out {out}: holds a finished train-dp run ({steps} steps); to train further, start a new "
+                   f"run from it: {again} --store {cfg.out_store or cfg.store} --out NEW_FOLDER (without --resume)")
+
+
 def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
+    done = finished_run(cfg)
+    if done is not None:
+        return done
     cfg.validate()
     out = Path(cfg.out)
     ckpt_dir = out / CHECKPOINT_DIR
@@ -392,8 +419,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         inputs["features"] = describe_input(cfg.features)
     write_manifest(out, "backbone" if cfg.data is not None else "train-dp", params=params, inputs=inputs,
                    files=files, embedding_size=dim, backbone_fingerprint=fingerprint,
-                   extra={"summary": {x: summary[x] for x in ("steps", "final_loss", "store_rows_touched",
-                                                              "queue_changes")}})
+                   extra={"summary": summary})  # the whole summary: --resume on a finished run reports it
     return summary
 
 
