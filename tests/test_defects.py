@@ -341,3 +341,72 @@ def test_finished_train_dp_with_resume_reports_complete(capsys: pytest.CaptureFi
     nxt[nxt.index("--backbone") + 1] = str(out)
     code, _, err = run_cli(capsys, *nxt)  # the advice works: train further from RUN2
     assert code == 0, err
+
+
+# ------------------------------------------------------------------- 7: every image mode decodes to the face
+
+
+def _modes(src: Path) -> dict[str, object]:
+    from PIL import Image
+
+    rgb = Image.open(src).convert("RGB")
+    gray = rgb.convert("L")
+    g16 = np.asarray(gray, dtype=np.uint16) * 257
+    opaque = Image.new("L", gray.size, 255)
+    return {
+        "I;16.png": Image.fromarray(g16),
+        "I;16B.tif": Image.fromarray(g16).convert("I").convert("I;16B"),
+        "I.tif": Image.fromarray(g16.astype(np.int32)),
+        "F.tif": Image.fromarray(g16.astype(np.float32) / 65535.0),
+        "LA.png": Image.merge("LA", (gray, opaque)),
+        "P+transparency.png": rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=255),
+        "1.png": gray.convert("1"),
+        "P.gif": rgb.convert("P"),
+    }
+
+
+def test_every_image_mode_decodes_to_the_face(tmp_path: Path) -> None:
+    """Item 7: 16-bit, 32-bit, float, grey + alpha, palette + alpha and 1-bit photos decode to the face
+    (scaled to 8 bits), never to a white or black image."""
+    from PIL import Image
+
+    from lblctl.data.faces import load_image
+
+    src = Path(lfw_identities(1, 1)[0])
+    from .conftest import LFW
+
+    src = LFW / src / sorted(os.listdir(LFW / src))[0]
+    ref = np.asarray(Image.open(src).convert("L"), dtype=np.float64)
+    for name, img in _modes(src).items():
+        path = tmp_path / f"face_{name}"
+        img.save(path, **({"transparency": 255} if "transparency" in name else {}))
+        got = np.asarray(load_image(path).convert("L"), dtype=np.float64)
+        corr = np.corrcoef(ref.ravel(), got.ravel())[0, 1]
+        assert corr > {"1": 0.4, "P": 0.9}.get(name[0], 0.97), (name, Image.open(path).mode, corr)
+        assert 20 < got.mean() < 235, (name, got.mean())
+
+
+# ------------------------------------------------------------ 8: one list of image types, skipped files reported
+
+
+def test_align_takes_gif_and_reports_files_it_skips(capsys: pytest.CaptureFixture, faces: Path,
+                                                    tmp_path: Path) -> None:
+    """Item 8: a .gif photo is aligned like the others (verify-pair scores it too); a file that is not an
+    image type is listed with its reason, never dropped silently."""
+    from PIL import Image
+
+    person = sorted(p for p in faces.iterdir())[0]
+    jpg = sorted(person.iterdir())[0]
+    Image.open(jpg).convert("P").save(person / "spot_gif.gif")
+    (person / "notes.txt").write_text("not a photo")
+    code, out, err = run_cli(capsys, "align", "--data", str(faces), "--out", str(tmp_path / "al"), "--detector",
+                             "none", "--json", "--workers", "1")
+    assert code == 0, err
+    with open(tmp_path / "al" / "align_report.csv", newline="") as fh:
+        report = {r["image"]: r for r in csv.DictReader(fh)}
+    assert report[f"{person.name}/spot_gif.gif"]["status"] == "aligned"
+    assert json.loads(out)["skipped_files"] == 1
+    with open(tmp_path / "al" / "skipped.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == [f"{person.name}/notes.txt"]
+    assert rows[0]["status"].startswith("skipped: not an image type")

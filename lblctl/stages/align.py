@@ -41,7 +41,7 @@ from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
 from lblctl.core.errors import LblError
 from lblctl.core.strings import StringArrayBuilder
-from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set
+from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set, skipped_files
 from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
 
 REPORT = "align_report.csv"
@@ -697,6 +697,7 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     counts = _write_report(out, index, state)
     (out / JOURNAL).unlink(missing_ok=True)
     summary = _summary(index, counts, todo, done, timing, cfg, workers, threads, use_cuda, min_score, out)
+    summary["skipped_files"] = _report_skipped(out, index)
     tree = _tree_fingerprint(index, plan.src_bytes, plan.src_mtime)
     inputs: dict[str, Any] = {"data": {"path": str(Path(cfg.data).resolve()), "fingerprint": tree}}
     if cfg.model and cfg.detector in ("scrfd", "yunet"):
@@ -708,6 +709,23 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     write_manifest(out, "aligned", params=params, inputs=inputs, files=[REPORT, FACES_CSV],
                    extra={"summary": {k: summary[k] for k in ("images", "aligned", "quarantined", "failed")}})
     return summary
+
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def _report_skipped(out: Path, index: FaceIndex) -> int:
+    """Files of the identity folders that are not photos: listed in ``skipped.csv`` and warned about."""
+    skipped = skipped_files(index)
+    (out / SKIPPED_CSV).unlink(missing_ok=True)
+    if skipped:
+        with atomic_open(out / SKIPPED_CSV, "w") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["image", "status"])
+            w.writerows(skipped)
+        ui.warn(f"{len(skipped)} files are not an image type and were skipped (e.g. {skipped[0][0]}); "
+                f"see {out / SKIPPED_CSV}")
+    return len(skipped)
 
 
 def reason_group(reason: str) -> str:
