@@ -410,3 +410,32 @@ def test_align_takes_gif_and_reports_files_it_skips(capsys: pytest.CaptureFixtur
         rows = list(csv.DictReader(fh))
     assert [r["image"] for r in rows] == [f"{person.name}/notes.txt"]
     assert rows[0]["status"].startswith("skipped: not an image type")
+
+
+# ---------------------------------------------------------------------- 10: reasons never round across the limit
+
+
+def test_small_face_reason_reads_below_the_limit(capsys: pytest.CaptureFixture, faces: Path,
+                                                 tmp_path: Path) -> None:
+    """Item 10: a face of 23.58 px is reported as 23.6 px < --min-size 24, not 24 px < 24 (real YuNet boxes)."""
+    import math
+
+    yunet = ["--detector", "yunet", "--model", str(MODELS / "yunet.onnx"), "--workers", "1", "--quiet"]
+    code, _, err = run_cli(capsys, "align", "--data", str(faces), "--out", str(tmp_path / "a"), *yunet)
+    assert code == 0, err
+    with open(tmp_path / "a" / "align_report.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["box"]]
+    sides = {r["image"]: min(b[2] - b[0], b[3] - b[1]) for r in rows
+             for b in [[float(v) for v in r["box"].split()]]}
+    image, side = next((k, v) for k, v in sides.items() if v % 1 >= 0.5)  # a side that rounds up
+    one = tmp_path / "one" / image.split("/")[0]
+    one.mkdir(parents=True)
+    shutil.copyfile(faces / image, one / Path(image).name)
+    limit = math.floor(side) + 1
+    code, _, err = run_cli(capsys, "align", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "b"),
+                           "--min-size", str(limit), *yunet)
+    assert code == 0, err
+    with open(tmp_path / "b" / "align_report.csv", newline="") as fh:
+        reason = next(csv.DictReader(fh))["reason"]
+    assert reason.startswith("small_face (") and f"< --min-size {limit})" in reason, reason
+    assert float(reason.split("(")[1].split(" px")[0]) < limit, reason

@@ -259,12 +259,13 @@ class Aligner:
         if not good:
             best = max(faces, key=lambda f: f.score)
             res.update(det_score=f"{best.score:.4f}", box=_fmt(best.box), landmarks=_fmt(best.landmarks))
-            return None, f"low_score ({best.score:.3f} < --min-score {spec.min_score})"
+            return None, f"low_score ({shown_below(best.score, spec.min_score, 3)} < --min-score {spec.min_score})"
         big = [f for f in good if min(f.width, f.height) >= spec.min_size]
         if not big:
             best = max(good, key=lambda f: f.width * f.height)
             res.update(det_score=f"{best.score:.4f}", box=_fmt(best.box), landmarks=_fmt(best.landmarks))
-            return None, f"small_face ({min(best.width, best.height):.0f} px < --min-size {spec.min_size})"
+            size = shown_below(min(best.width, best.height), spec.min_size, 0)
+            return None, f"small_face ({size} px < --min-size {spec.min_size})"
         face = pick_face(big, w, h, spec.pick)
         res.update(det_score=f"{face.score:.4f}", box=_fmt(face.box), landmarks=_fmt(face.landmarks))
         return norm_crop(bgr, face.landmarks, spec.size), ""
@@ -712,6 +713,16 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
 
 
 SKIPPED_CSV = "skipped.csv"
+
+
+def shown_below(value: float, limit: float, digits: int) -> str:
+    """``value`` with the fewest decimals (from ``digits``) that still read below ``limit``: a reason
+    never says ``24 px < --min-size 24`` for a 23.58 px face."""
+    for d in range(digits, 7):
+        text = f"{value:.{d}f}"
+        if float(text) < limit:
+            return text
+    return repr(float(value))
 
 
 def _report_skipped(out: Path, index: FaceIndex) -> int:
