@@ -11,7 +11,7 @@ Writes OUT/metrics.json, OUT/roc.png, OUT/scores_hist.png and OUT/manifest.json.
 
 Example (CPU, on the shared LFW pairs):
 
-    lblctl eval --backbone run --pairs /work/shared/data/lfw_pairs_dev.csv --data examples/data/faces --out report
+    lblctl eval --backbone run --pairs ../shared/data/lfw_pairs_dev.csv --data examples/data/faces --out report
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The graph takes N×3×S×S images in [−1, 1] and returns the raw embedding, li
 recognition models; the backbone's preprocessing (input size, centre crop) travels in the
 model's metadata, so --backbone model.onnx embeds like the backbone.pt. The export is checked:
 onnxruntime must match PyTorch within --atol (default 1e-4) on real face photos
-(--check-images) or a fixed random batch, else nothing is written.
+(--check-image, repeatable) or a fixed random batch, else nothing is written. Export runs on the
+CPU (the graph does not depend on the device), so it has no --device option.
 
 Example:
 
@@ -20,7 +21,7 @@ import typer
 
 from lblctl.models.export import export_onnx
 
-from ._common import Debug, Device, Json, Quiet, Seed, finish, start
+from ._common import Debug, Json, Quiet, Seed, finish, start
 
 SHORT_HELP = "Export a backbone to ONNX (dynamic batch), checked against PyTorch within 1e-4."
 
@@ -34,13 +35,12 @@ def main(
     atol: Annotated[float, typer.Option(help="Largest allowed difference from PyTorch.")] = 1e-4,
     check_images: Annotated[list[Path] | None, typer.Option("--check-image",
                                                             help="Face photos to check on (repeatable).")] = None,
-    device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    start(device, seed, quiet)
+    start("cpu", seed, quiet)
     summary = export_onnx(backbone, out, opset=opset, batch=batch, atol=atol,
                           check_paths=[str(p) for p in check_images] if check_images else None)
     finish(summary, "export", json_out)

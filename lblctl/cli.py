@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperOption
 
 from lblctl import __version__
 from lblctl.core import ui
@@ -28,13 +30,31 @@ app = typer.Typer(
     name="lblctl",
     help="Train face recognition for ID vs. spot at millions of identities with dominant-prototype "
     "softmax (DP-softmax). Stages chain through artifact folders: align → pretrain → imprint → "
-    "build-index → train-dp → eval / verify-pair.",
+    "build-index → train-dp → eval / verify-pair.\n\n"
+    "Example (the whole chain on the shipped faces, CPU, a few minutes): `bash examples/quickstart.sh`; "
+    "one stage: `lblctl align --data raw --out ids --detector yunet --model examples/models/yunet.onnx`. "
+    "Each stage has its own --help with an example.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _display_type(self: TyperOption, ctx: Any) -> str | None:
+    """Help's type column: nothing for flags (typer shows ``<bool>``), ``<path>...`` for repeatable options
+    (typer shows ``<list[Path]>``)."""
+    if self.is_flag:
+        return None
+    shown = _typer_display_type(self, ctx)
+    if shown and shown.startswith("<list[") and shown.endswith("]>"):
+        shown = f"<{shown[6:-2].lower()}>..."
+    return shown
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _display_type  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:

@@ -439,3 +439,50 @@ def test_small_face_reason_reads_below_the_limit(capsys: pytest.CaptureFixture, 
         reason = next(csv.DictReader(fh))["reason"]
     assert reason.startswith("small_face (") and f"< --min-size {limit})" in reason, reason
     assert float(reason.split("(")[1].split(" px")[0]) < limit, reason
+
+
+# --------------------------------------------------------------------------- 14, 16: flags, dead code, help
+
+
+def test_flags_mean_what_they_say(capsys: pytest.CaptureFixture, dp_world: dict[str, Path], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 14: export has no --device to ignore; seeding leaves PYTHONHASHSEED alone (it acts only at start-up);
+    align's --workers 0 works in this process as elsewhere; --out-store keeps index_manifest.json; dead code gone."""
+    import lblctl.core.artifacts as artifacts
+    import lblctl.core.queues as queues
+    import lblctl.stages.align as align
+    import lblctl.stages.index as index
+    from lblctl.core.runtime import seed_everything
+
+    code, _, err = run_cli(capsys, "export", "--backbone", str(dp_world["backbone"]), "--out",
+                           str(tmp_path / "m.onnx"), "--device", "cuda")
+    assert code == 2 and "--device" in one_error_line(err)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    seed_everything(3)
+    assert "PYTHONHASHSEED" not in os.environ
+    for module, name in ((artifacts, "fingerprint_tree"), (align, "config_dict"), (queues, "PAD"), (index, "_null")):
+        assert not hasattr(module, name), name
+    code, out, err = run_cli(capsys, "align", "--data", str(dp_world["faces"]), "--out", str(tmp_path / "al"),
+                             "--detector", "none", "--workers", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["workers"] == 1 and "1 worker(s)" in " ".join(err.split())
+    store = indexed_store(capsys, dp_world, tmp_path / "store")
+    code, _, err = run_cli(capsys, *train_dp_args(dp_world, store, tmp_path / "r", "--classes", "8", "--sampled",
+                                                  "2", "--steps", "1", "--out-store", str(tmp_path / "copy")))
+    assert code == 0, err
+    assert (tmp_path / "copy" / "index_manifest.json").read_bytes() == (store / "index_manifest.json").read_bytes()
+
+
+def test_help_texts(capsys: pytest.CaptureFixture) -> None:
+    """Item 16: no machine paths, option names as they are, readable type column, a top-level example."""
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "Example" in out and "quickstart.sh" in out
+    for name in ("eval", "export", "verify-pair", "train-dp", "align"):
+        code, out, _ = run_cli(capsys, name, "--help")
+        assert code == 0
+        assert "/work/" not in out and "<bool>" not in out and "list[" not in out, name
+    code, out, _ = run_cli(capsys, "export", "--help")
+    assert "--check-images" not in out and "--check-image" in out
+    code, out, _ = run_cli(capsys, "eval", "--help")
+    assert "../shared/data/lfw_pairs_dev.csv" in " ".join(out.split()).replace(" ", "")\
+        or "../shared/data/lfw_pairs_dev.csv" in out

@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
 from lblctl.core.errors import LblError
+from lblctl.core.runtime import default_workers
 from lblctl.core.strings import StringArrayBuilder
 from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set, skipped_files
 from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
@@ -80,7 +81,7 @@ class AlignConfig:
     min_size: int = 24
     det_size: int = 0  # 0: the photo's own size (≤ 640); insightface's 640 misses tight crops (ORL, Yale B)
     copy_quarantine: bool = True
-    workers: int = -1  # -1: one per core (at most 8), one for small jobs
+    workers: int = -1  # -1: cores − 1 (at most 8; this process for small jobs); 0 or 1: this process
     threads: int = 0  # onnx/OpenCV threads per worker; 0: cores // workers
     force: bool = False
     use_cuda: bool = False
@@ -638,7 +639,8 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     plan = _plan(index, state, out, ext)
     todo = len(plan.rows)
     cores = usable_cores()
-    workers = cfg.workers if cfg.workers > 0 else (min(cores, 8) if todo >= 64 else 1)
+    # --workers as in every stage: N processes, -1 = cores − 1 (at most 8), 0 (or 1) = this process
+    workers = default_workers(cfg.workers) if cfg.workers >= 0 or todo >= 64 else 1
     workers = max(1, min(workers, max(1, todo)))
     threads = cfg.threads if cfg.threads > 0 else max(1, cores // workers)
     spec = WorkerSpec(cfg.detector, str(cfg.model) if cfg.model else None, threads, use_cuda, cfg.det_size,
@@ -798,6 +800,3 @@ def _summary(index: FaceIndex, counts: dict[str, Counter[str]], todo: int, done:
         "report": str(out / REPORT),
     }
 
-
-def config_dict(cfg: AlignConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

@@ -17,6 +17,7 @@ code (self removed, ties broken by lower row number, −1 padding).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -206,7 +207,7 @@ def build_index(source: VectorSource, spec: IndexSpec, *, seed: int = 0, chunk_r
         rows = np.sort(rng.choice(n, size=min(n, spec.train_rows), replace=False))
         sample = _check_chunk(0, source.gather(rows))
         with ui.console.status(f"training {spec.kind} ({spec.nlist} lists) on {len(rows)} rows",
-                               spinner="dots") if not ui.is_quiet() else _null():
+                               spinner="dots") if not ui.is_quiet() else contextlib.nullcontext():
             if use_gpu and spec.kind == "ivf":
                 clus = faiss.Clustering(d, spec.nlist, index.cp)
                 gpu_q = to_gpu(faiss.IndexFlatIP(d))
@@ -225,14 +226,6 @@ def build_index(source: VectorSource, spec: IndexSpec, *, seed: int = 0, chunk_r
     if index.ntotal != n:
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
     return index
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:

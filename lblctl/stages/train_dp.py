@@ -42,6 +42,7 @@ from lblctl.train.dp_data import FeatureSource, ImageSource
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 
 HEADS = ("dp", "random", "full")
+INDEX_MANIFEST = "index_manifest.json"  # build-index's manifest beside the store's (lblctl.stages.index)
 JOURNAL = "undo.bin"
 
 
@@ -116,10 +117,10 @@ def _prepare_store(cfg: TrainDPConfig) -> Path:
             raise LblError(f"--out-store {dst}: already holds a store; add --resume or choose a new folder")
         return dst
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("prototypes.h5", "queues.h5", "index.faiss", "manifest.json", "duplicates.csv"):
+    for name in ("prototypes.h5", "queues.h5", "index.faiss", "manifest.json", "duplicates.csv", INDEX_MANIFEST):
         if (src / name).exists():
             shutil.copy2(src / name, dst / f".{name}.copy")
-    for name in ("prototypes.h5", "queues.h5", "index.faiss", "duplicates.csv", "manifest.json"):
+    for name in ("prototypes.h5", "queues.h5", "index.faiss", "duplicates.csv", INDEX_MANIFEST, "manifest.json"):
         if (dst / f".{name}.copy").exists():
             (dst / f".{name}.copy").rename(dst / name)  # manifest last: a torn copy never opens
     return dst
