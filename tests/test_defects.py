@@ -338,6 +338,13 @@ def test_finished_train_dp_with_resume_reports_complete(capsys: pytest.CaptureFi
     with PrototypeStore.open(store, "r") as st:
         np.testing.assert_array_equal(st.gather(np.arange(40)), trained)
     nxt = train_dp_args(dp_world, store, tmp_path / "run3", "--classes", "8", "--sampled", "2", "--steps", "2")
+    code, _, err = run_cli(capsys, *nxt)  # the trained store with the backbone it started from
+    line = one_error_line(err)
+    assert code == 2 and "--backbone RUN2" in line and "re-imprint the" not in line
+    code, _, err = run_cli(capsys, "eval", "--backbone", str(dp_world["backbone"]), "--store", str(store), "--data",
+                           str(dp_world["faces"]), "--out", str(tmp_path / "rep"), "--device", "cpu")
+    line = one_error_line(err)
+    assert code == 2 and "--backbone RUN2" in line and "re-imprint the" not in line
     nxt[nxt.index("--backbone") + 1] = str(out)
     code, _, err = run_cli(capsys, *nxt)  # the advice works: train further from RUN2
     assert code == 0, err

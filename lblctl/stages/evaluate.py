@@ -313,10 +313,12 @@ def evaluate(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, Any], dic
         store = PrototypeStore.open(cfg.store, mode="r", expect_embedding_size=backbone.embedding_size)
         accepted = backbone_identities(backbone)
         if store.backbone_fingerprint and store.backbone_fingerprint not in accepted:
-            made_by = store.backbone_fingerprint
+            made_by, trained = store.backbone_fingerprint, store.committed_step > 0
             store.close()
+            advice = ("it was trained by train-dp, so evaluate it with that run's backbone (--backbone RUN2)"
+                      if trained else "re-imprint the store with this backbone")
             raise IncompatibleArtifact(f"--store {cfg.store}: made by another backbone ({made_by[:19]}…, expected "
-                                       f"{accepted[0][:19]}…); re-imprint the store with this backbone")
+                                       f"{accepted[0][:19]}…); {advice}")
     try:
         return _evaluate(cfg, device, backbone, store)
     finally:

@@ -162,11 +162,14 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
     store_dir = _prepare_store(cfg)
 
     backbone = load_backbone(cfg.backbone, device) if cfg.backbone is not None else None
-    store = PrototypeStore.open(
-        store_dir, "r+",
-        expect_embedding_size=backbone.embedding_size if backbone else None,
-        expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
-    )
+    try:
+        store = PrototypeStore.open(
+            store_dir, "r+",
+            expect_embedding_size=backbone.embedding_size if backbone else None,
+            expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
+        )
+    except IncompatibleArtifact as exc:
+        raise IncompatibleArtifact(_trained_store_advice(store_dir, str(exc))) from None
     dim, n = store.embedding_size, store.num_rows
     queues = None
     if cfg.head == "dp":
@@ -422,6 +425,23 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
                    files=files, embedding_size=dim, backbone_fingerprint=fingerprint,
                    extra={"summary": summary})  # the whole summary: --resume on a finished run reports it
     return summary
+
+
+def _trained_store_advice(store_dir: Path, message: str) -> str:
+    """A store that train-dp already trained belongs with that run's backbone: say so instead of the
+    generic "re-imprint" (which would throw its training away)."""
+    if "another backbone" not in message:
+        return message
+    try:
+        with PrototypeStore.open(store_dir, "r") as st:
+            trained = st.committed_step > 0
+    except (LblError, OSError):
+        return message
+    if not trained:
+        return message
+    return (f"--store {store_dir}: was trained by an earlier train-dp run and now belongs with that run's "
+            "backbone; to train further give --backbone RUN2 (that run's --out), not the backbone it started "
+            "from (re-imprinting would throw the training away)")
 
 
 def _warn_clamped(cfg: TrainDPConfig, sampler: DominantSampler, n: int) -> None:
