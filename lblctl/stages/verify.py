@@ -364,7 +364,6 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
                  dataset_factory: Callable[[list[str]], PathDataset] | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
     """Score every row of ``pairs`` into ``out`` (input columns + score, same_pred, error)."""
-    check_scores_out(out, overwrite)
     if chunk_rows < 1:
         raise LblError(f"--chunk-rows {chunk_rows}: must be at least 1")
     if not math.isfinite(threshold):
@@ -373,6 +372,7 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
     out = Path(out)
     if out.resolve() == stream.path.resolve():
         raise LblError(f"--out {out}: is the --pairs file; write the scores to another file")
+    check_scores_out(out, overwrite)
     if cache_size and cache_size < 2 * chunk_rows:
         cache_size = 2 * chunk_rows  # a chunk's own images must fit
     cache = EmbeddingCache(backbone, batch_size=batch_size, workers=workers, flip=flip, capacity=cache_size,
