@@ -61,25 +61,27 @@ _COMMON = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defau
            for name, kind, default, flags, help in _COMMON_OPTS]
 
 
-def stage_command(title: str) -> Callable[[Callable[..., Summary]], Callable[..., None]]:
+def stage_command(title: str, *, device: bool = True) -> Callable[[Callable[..., Summary]], Callable[..., None]]:
     """Turn ``body(..., common: Common) -> Summary`` into a Typer command with the common options.
 
     It applies --quiet, resolves --device and seeds before the body runs (bad input stops before any
-    work), then prints the Summary: JSON with --json, else its table."""
+    work), then prints the Summary: JSON with --json, else its table. ``device=False``: a stage
+    that always runs on the CPU has no --device to ignore."""
+    common_opts = _COMMON if device else [p for p in _COMMON if p.name != "device"]
 
     def wrap(body: Callable[..., Summary]) -> Callable[..., None]:
         sig = inspect.signature(body, eval_str=True)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "common"]
 
         def command(**kw: Any) -> None:
-            device, seed, as_json, quiet = kw.pop("device"), kw.pop("seed"), kw.pop("json_out"), kw.pop("quiet")
+            dev, seed, as_json, quiet = kw.pop("device", "cpu"), kw.pop("seed"), kw.pop("json_out"), kw.pop("quiet")
             kw.pop("debug")
-            common = Common(device=start(device, seed, quiet), seed=seed, json=as_json, quiet=quiet)
+            common = Common(device=start(dev, seed, quiet), seed=seed, json=as_json, quiet=quiet)
             ui.print_run(body(**kw, common=common), title, as_json)
 
         command.__name__, command.__doc__, command.__module__ = body.__name__, body.__doc__, body.__module__
-        command.__signature__ = sig.replace(parameters=own + _COMMON, return_annotation=None)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in own + _COMMON}
+        command.__signature__ = sig.replace(parameters=own + common_opts, return_annotation=None)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + common_opts}
         return command
 
     return wrap

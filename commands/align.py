@@ -52,7 +52,7 @@ def main(
     det_size: DetSizeOpt = 0,
     no_copy: Annotated[bool, Opt("--no-copy", help="List quarantined photos; do not copy them.")] = False,
     workers: Annotated[int, Opt(help="Worker processes, each with its own detector "
-                                "(-1 = one per core, at most 8).")] = -1,
+                                "(-1 = cores − 1, at most 8, as in every stage; 0 = in this process).")] = -1,
     threads: Annotated[int, Opt(help="onnxruntime/OpenCV threads per worker (0 = cores ÷ workers).")] = 0,
     force: Annotated[bool, Opt("--force", help="Redo every photo, even those already aligned.")] = False,
     *,

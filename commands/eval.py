@@ -11,7 +11,7 @@ Writes OUT/metrics.json, OUT/roc.png, OUT/scores_hist.png and OUT/manifest.json.
 
 Example (CPU, on the shared LFW pairs):
 
-    lblctl eval --backbone run --pairs /work/shared/data/lfw_pairs_dev.csv --data examples/data/faces --out report
+    lblctl eval --backbone run --pairs ../shared/data/lfw_pairs_dev.csv --data examples/data/faces --out report
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(
     folds: Annotated[int, Opt(help="Folds when the pairs CSV has no fold column.")] = 10,
     batch_size: BatchSize = 64,
     workers: Workers = -1,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a report already in --out.")] = False,
     *,
     common: Common,
 ):
@@ -45,4 +46,5 @@ def main(
 
     return run(EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
                           store=store, flip=flip, batch_size=batch_size, workers=default_workers(workers),
-                          center_crop=center_crop, folds=folds, seed=common.seed), common.device)
+                          center_crop=center_crop, folds=folds, seed=common.seed, overwrite=overwrite),
+               common.device)

@@ -19,7 +19,7 @@ from typing import Annotated
 from ._common import Common, Opt, stage_command
 
 
-@stage_command("export")
+@stage_command("export", device=False)
 def main(
     backbone: Annotated[Path, Opt("--backbone", help="RUN folder or backbone.pt.")],
     out: Annotated[Path, Opt("--out", help="ONNX file to write (model.onnx).")],

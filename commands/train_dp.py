@@ -44,8 +44,10 @@ def main(
     photos_per_class: Annotated[int, Opt(help="Photos per class in the batch (ID photo first, then spot).")] = 2,
     batch_size: Annotated[int, Opt(help="Images per step (0 = K × photos-per-class).")] = 0,
     loss: Annotated[str, Opt(help="cosface (AM-softmax) or arcface.")] = "cosface",
-    scale: Annotated[float, Opt("--scale", "-s", help="Margin-softmax scale s.")] = 24.0,
-    margin: Annotated[float, Opt("--margin", "-m", help="Margin m.")] = 0.2,
+    scale: Annotated[float | None, Opt("--scale", "-s", help="Margin-softmax scale s (default 24 cosface, "
+                                       "64 arcface).")] = None,
+    margin: Annotated[float | None, Opt("--margin", "-m", help="Margin m (default 0.2 cosface, "
+                                        "0.5 arcface).")] = None,
     lr: Annotated[float, Opt(help="Backbone learning rate.")] = 0.01,
     head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,

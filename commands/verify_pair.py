@@ -10,6 +10,9 @@ given (--threshold) or taken from an eval report at a false-accept rate
 (--far 1e-3 --calibration REPORT/metrics.json, made with the same backbone).
 --backbone takes an lblctl RUN / backbone.pt or an ONNX recognition model.
 
+Exit status: 0 when every row was scored, 3 when any row failed (SCORES.csv is still written, with
+the reason in its error column), 2 on a user error.
+
 Example (CPU):
 
     lblctl verify-pair --backbone run --pairs pairs.csv --out scores.csv --far 1e-2 --calibration report/metrics.json
@@ -41,6 +44,7 @@ def main(
     chunk_rows: Annotated[int, Opt(help="CSV rows read, scored and written at a time.")] = 8192,
     cache_size: Annotated[int, Opt(help="Embeddings kept (LRU) across chunks; 0 = no cache.")] = 50_000,
     workers: Workers = -1,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace --out if it exists.")] = False,
     *,
     common: Common,
 ):
@@ -50,4 +54,5 @@ def main(
     return run(VerifyConfig(backbone=backbone, pairs=pairs, out=out, threshold=threshold, far=far,
                             calibration=calibration, flip=flip, center_crop=center_crop, align=align,
                             align_model=align_model, batch_size=batch_size, chunk_rows=chunk_rows,
-                            cache_size=cache_size, workers=default_workers(workers)), common.device)
+                            cache_size=cache_size, workers=default_workers(workers), overwrite=overwrite),
+               common.device)

@@ -17,5 +17,5 @@ out="${5:-${pairs%.csv}_scores.csv}"
 if command -v lblctl >/dev/null 2>&1; then L=(lblctl); else L=(python3 -m lblctl.cli); fi
 [ -f "$backbone" ] || { echo "error: $backbone not found; run bash examples/quickstart.sh first or pass a backbone" >&2; exit 2; }
 "${L[@]}" verify-pair --backbone "$backbone" --pairs "$pairs" --out "$out" --far "$far" --calibration "$report" \
-  --align yunet --align-model "$here/models/yunet.onnx" --device "${LBLCTL_DEVICE:-auto}" --json
+  --align yunet --align-model "$here/models/yunet.onnx" --device "${LBLCTL_DEVICE:-auto}" --json --overwrite
 echo "scores: $out (every input column + score, same_pred, error)" >&2

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
+from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 from typer.main import get_command_from_info
 from typer.models import CommandInfo
 
@@ -76,13 +78,31 @@ app = typer.Typer(
     cls=LazyStages,
     help="Train face recognition for ID vs. spot at millions of identities with dominant-prototype "
     "softmax (DP-softmax). Stages chain through artifact folders: align → pretrain → imprint → "
-    "build-index → train-dp → eval / verify-pair.",
+    "build-index → train-dp → eval / verify-pair.\n\n"
+    "Example (the whole chain on the shipped faces, CPU, a few minutes): `bash examples/quickstart.sh`; "
+    "one stage: `lblctl align --data raw --out ids --detector yunet --model examples/models/yunet.onnx`. "
+    "Each stage has its own --help with an example.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=MARKUP,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _display_type(self: TyperOption, ctx: Any) -> str | None:
+    """Help's type column: nothing for flags (typer shows ``<bool>``), ``<path>...`` for repeatable options
+    (typer shows ``<list[Path]>``)."""
+    if self.is_flag:
+        return None
+    shown = _typer_display_type(self, ctx)
+    if shown and shown.startswith("<list[") and shown.endswith("]>"):
+        shown = f"<{shown[6:-2].lower()}>..."
+    return shown
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _display_type  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:
@@ -98,6 +118,18 @@ def _root(
     """lblctl: ID vs. spot face recognition at scale."""
 
 
+def interrupt_message(args: list[str]) -> str:
+    """What Ctrl-C / SIGTERM left behind, and the exact command that continues from it."""
+    from lblctl.train.engine import Interrupted
+
+    saved = Interrupted.last.saved if Interrupted.last is not None else None
+    if saved is None:
+        return ("error: interrupted; run the same command again (training stages: add --resume) to continue "
+                "where it stopped")
+    again = shlex.join(["lblctl", *args, *([] if "--resume" in args else ["--resume"])])
+    return f"interrupted: saved {saved}; continue with:\n  {again}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line ``error: …`` and exit 2 for user errors; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -110,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         ui.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        ui.console.print("[red]error:[/red] interrupted; run the same command again (training stages: add "
-                         "--resume) to continue where it stopped")
+        ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -131,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         ui.console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} "
                          "(a bug in lblctl; re-run with --debug for the traceback and report it)", soft_wrap=True)
         sys.exit(1)
+    if rc == 130:  # typer turns a KeyboardInterrupt into exit code 130 before the handler above sees it
+        ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

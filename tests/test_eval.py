@@ -25,7 +25,7 @@ from .test_export import make_backbone
 CPU = torch.device("cpu")
 PAIRS = SHARED / "data" / "lfw_pairs_dev.csv"
 VER_KEYS = ["accuracy", "accuracy_std", "auc", "eer", "tar_at_far", "threshold_at_far", "pairs", "genuine",
-            "impostor"]
+            "impostor", "folds"]
 ID_KEYS = ["top1", "top5", "gallery_size", "probes"]
 
 

@@ -127,7 +127,7 @@ def test_verification_section_keys():
     scores, same = _labels(rng.normal(0.6, 0.1, 150), rng.normal(0.1, 0.1, 250))
     section, reasons = verification_metrics(scores, same)
     assert set(section) == {"accuracy", "accuracy_std", "auc", "eer", "tar_at_far", "threshold_at_far",
-                            "pairs", "genuine", "impostor"}
+                            "pairs", "genuine", "impostor", "folds"}
     assert set(section["tar_at_far"]) == set(section["threshold_at_far"]) == {f"1e-{k}" for k in range(1, 7)}
     assert (section["pairs"], section["genuine"], section["impostor"]) == (400, 150, 250)
     g, i = scores[same == 1][:, None], scores[same == 0][None, :]

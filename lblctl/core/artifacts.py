@@ -98,15 +98,6 @@ def fingerprint_file(path: str | os.PathLike) -> str:
     return "sha256s:" + h.hexdigest()
 
 
-def fingerprint_tree(paths: Iterable[str | os.PathLike]) -> str:
-    """A fingerprint for a folder of inputs: names, sizes and mtimes (cheap at millions of files)."""
-    h = hashlib.sha256()
-    for p in sorted(str(x) for x in paths):
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return "tree:" + h.hexdigest()
-
-
 def describe_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
     path = Path(path)
     name = str(path.relative_to(root)) if root is not None else str(path)

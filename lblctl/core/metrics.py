@@ -156,6 +156,7 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, fold_ids: np.ndar
         "pairs": int(len(scores)),
         "genuine": int(same.sum()),
         "impostor": int(len(same) - same.sum()),
+        "folds": int(len(np.unique(fold_ids))) if fold_ids is not None else int(folds),
     }
     reasons = {k: p.reason for k, p in points.items() if p.reason}
     return section, reasons
@@ -163,7 +164,9 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, fold_ids: np.ndar
 
 def far_key(far: float) -> str:
     """``0.001`` → ``"1e-3"`` (the key format of ``tar_at_far``)."""
+    if not np.isfinite(far) or not 0 < far < 1:
+        raise ValueError(f"FAR {far} is not a rate between 0 and 1")
     exp = int(round(np.log10(far)))
-    if far <= 0 or not np.isclose(far, 10.0**exp, rtol=1e-6):
+    if not np.isclose(far, 10.0**exp, rtol=1e-6):
         raise ValueError(f"FAR {far} is not a power of ten")
     return f"1e{exp}"

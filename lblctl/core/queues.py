@@ -35,7 +35,6 @@ from lblctl.core.errors import IncompatibleArtifact, LblError
 
 QUEUES = "queues.h5"
 FORMAT = "lblctl-queues-1"
-PAD = -1
 
 
 def journal_path(path: str | os.PathLike) -> Path:

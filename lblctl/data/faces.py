@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lblctl.core.errors import LblError
 from lblctl.core.strings import StringArray, StringArrayBuilder
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"})
+# the one list of photo types every stage takes from identity folders (all decoded by Pillow)
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff",
+                        ".webp"})
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # very large scans are fine; decompression bombs are not
 
@@ -200,6 +202,20 @@ def _is_image_name(name: str) -> bool:
 def is_id_name(name: str) -> bool:
     """A file whose name starts with ``id`` (``id.jpg``, ``id_2.png``) is an ID photo."""
     return name.lower().startswith("id")
+
+
+def skipped_files(index: FaceIndex) -> list[tuple[str, str]]:
+    """Files in the identity folders of ``index`` that are not taken as photos, with the reason
+    (so that a stage can report them instead of dropping them silently)."""
+    if index.source != "folders":
+        return []
+    root, out = Path(index.root), []
+    for ident in index.names:
+        with os.scandir(root / str(ident)) as it:
+            for e in sorted(it, key=lambda e: e.name):
+                if e.is_file() and not e.name.startswith(".") and not _is_image_name(e.name):
+                    out.append((f"{ident}/{e.name}", f"skipped: not an image type ({', '.join(sorted(IMAGE_EXTS))})"))
+    return out
 
 
 def scan_folders(root: str | os.PathLike, *, min_images: int = 1) -> FaceIndex:

@@ -70,18 +70,59 @@ class Backbone:
         return F.normalize(out, dim=1).cpu()
 
 
+EXPECTED = "give an lblctl RUN folder, RUN/backbone.pt or an ONNX recognition model"
+
+
+def _folder_kind(folder: Path) -> str:
+    """What an lblctl folder holds, from its manifest (for error messages)."""
+    import json
+
+    try:
+        kind = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind:
+        return f"an lblctl '{kind}' folder"
+    if (folder / "prototypes.h5").exists():
+        return "a prototype store folder"
+    return "a folder"
+
+
 def resolve_backbone_path(path: str | os.PathLike) -> Path:
+    """RUN folder → RUN/backbone.pt; a folder without one, or a missing path, is named as what it is."""
     p = Path(path)
     if p.is_dir():
+        if not (p / FILENAME).exists():
+            raise LblError(f"--backbone {path}: is {_folder_kind(p)} without {FILENAME}; {EXPECTED}")
         p = p / FILENAME
     if not p.exists():
-        raise LblError(f"--backbone {path}: no such file; give RUN/backbone.pt or the RUN folder")
+        raise LblError(f"--backbone {path}: no such file or folder; {EXPECTED}")
     return p
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _not_a_backbone(p: Path) -> str | None:
+    """A one-line description of a file that is clearly not a backbone.pt (by its first bytes)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    if head == HDF5_SIGNATURE:
+        return f"--backbone {p}: is an HDF5 file (a prototype store or features), not a backbone; {EXPECTED}"
+    if not head:
+        return f"--backbone {p}: is an empty file; {EXPECTED}"
+    return None
 
 
 def read_backbone_state(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check a ``backbone.pt`` safely (``weights_only=True``)."""
     p = resolve_backbone_path(path)
+    what = _not_a_backbone(p)
+    if what is not None:
+        raise IncompatibleArtifact(what)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:

@@ -35,11 +35,30 @@ def _dim(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
+# an embedding size outside this range means the graph is not a recognition model (a score, a
+# detector's flattened feature map); the shape checks above it catch detectors first
+EMBEDDING_RANGE = (4, 8192)
+
+
+def ort_reason(exc: BaseException, limit: int = 200) -> str:
+    """onnxruntime's error as one readable clause: no error-code prefix, source paths or C++
+    signatures, cut at a word boundary."""
+    import re
+
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"\S*/\S+\.(?:cc|h|cpp):\d+ ", "", text)  # /onnxruntime_src/…/file.h:583
+    text = re.sub(r"\b(?:void|bool|int|Status) [\w:<>]+\([^)]*\) ", "", text)  # the C++ function that failed
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text
+
+
 def _session(model: bytes | str, device: torch.device):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: failures reach the user as one line, not ORT's red log
     threads = torch.get_num_threads()
     if threads > 0:
         opts.intra_op_num_threads = threads
@@ -119,9 +138,15 @@ def load_onnx_backbone(path: str | os.PathLike, device: torch.device | str = "cp
     device = torch.device(device)
     init_names = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
-    if len(inputs) != 1 or len(model.graph.output) < 1:
-        raise IncompatibleArtifact(f"--backbone {p}: expected one image input and an embedding output, "
-                                   f"found {len(inputs)} inputs and {len(model.graph.output)} outputs")
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        hint = " (a face detector?)" if len(model.graph.output) > 1 else ""
+        raise IncompatibleArtifact(f"--backbone {p}: not a recognition model{hint}: expected one image input and "
+                                   f"one embedding output, found {len(inputs)} inputs and "
+                                   f"{len(model.graph.output)} outputs")
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) not in (0, 2):
+        raise IncompatibleArtifact(f"--backbone {p}: not a recognition model: its output has {len(out_dims)} "
+                                   "dimensions, an embedding batch has 2 (N×D)")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or (dims[1] is not None and dims[1] != 3):
         raise IncompatibleArtifact(f"--backbone {p}: input shape {dims} is not an N×3×H×W image batch")
@@ -139,24 +164,36 @@ def load_onnx_backbone(path: str | os.PathLike, device: torch.device | str = "cp
     try:
         session = _session(str(p), device)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise IncompatibleArtifact(f"--backbone {p}: onnxruntime cannot run it ({str(exc).splitlines()[0][:160]})") \
-            from None
+        raise IncompatibleArtifact(f"--backbone {p}: onnxruntime cannot run it ({ort_reason(exc)})") from None
     bb = OnnxBackbone(session, inputs[0].name, 0, preprocess, fingerprint_file(p), p, device,
                       batched=fixed_batch is None, raw_input=raw_input,
                       meta={"onnx_meta": meta, "fixed_batch": fixed_batch})
     rng = np.random.default_rng(0)
     one = rng.uniform(-1, 1, size=(1, 3, size, size)).astype(np.float32)
     try:
-        bb.embedding_size = int(np.asarray(session.run(None, {bb.input_name: one})[0]).reshape(1, -1).shape[1])
+        probe_out = np.asarray(session.run(None, {bb.input_name: one})[0])
     except Exception as exc:  # noqa: BLE001
         raise IncompatibleArtifact(f"--backbone {p}: a {size}×{size} test image does not run "
-                                   f"({str(exc).splitlines()[0][:160]})") from None
+                                   f"({ort_reason(exc)})") from None
+    _check_embedding_output(p, probe_out)
+    bb.embedding_size = int(probe_out.shape[1])
     if fixed_batch == 1 and probe:
         bb = _try_batched(bb, model, device, rng)
     if expect_embedding_size is not None and bb.embedding_size != expect_embedding_size:
         raise IncompatibleArtifact(f"--backbone {p}: embedding size {bb.embedding_size}, "
                                    f"expected {expect_embedding_size}")
     return bb
+
+
+def _check_embedding_output(p: Path, out: np.ndarray) -> None:
+    """One image in must give one float vector of a plausible embedding size out."""
+    lo, hi = EMBEDDING_RANGE
+    if out.ndim != 2 or out.shape[0] != 1 or not np.issubdtype(out.dtype, np.floating):
+        raise IncompatibleArtifact(f"--backbone {p}: not a recognition model: one image gives an output of shape "
+                                   f"{list(out.shape)} ({out.dtype}), expected 1×D floats")
+    if not lo <= out.shape[1] <= hi:
+        raise IncompatibleArtifact(f"--backbone {p}: not a recognition model: embedding size {out.shape[1]} is "
+                                   f"outside {lo}–{hi}")
 
 
 def _try_batched(bb: OnnxBackbone, model, device: torch.device, rng: np.random.Generator) -> OnnxBackbone:

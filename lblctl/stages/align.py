@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ import numpy as np
 from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
 from lblctl.core.errors import LblError
+from lblctl.core.runtime import default_workers
 from lblctl.core.strings import StringArrayBuilder
 from lblctl.core.summary import Summary
-from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set
+from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set, skipped_files
 from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
 
 REPORT = "align_report.csv"
@@ -81,7 +82,7 @@ class AlignConfig:
     min_size: int = 24
     det_size: int = 0  # 0: the photo's own size (≤ 640); insightface's 640 misses tight crops (ORL, Yale B)
     copy_quarantine: bool = True
-    workers: int = -1  # -1: one per core (at most 8), one for small jobs
+    workers: int = -1  # -1: cores − 1 (at most 8; this process for small jobs); 0 or 1: this process
     threads: int = 0  # onnx/OpenCV threads per worker; 0: cores // workers
     force: bool = False
     use_cuda: bool = False
@@ -260,12 +261,13 @@ class Aligner:
         if not good:
             best = max(faces, key=lambda f: f.score)
             res.update(det_score=f"{best.score:.4f}", box=_fmt(best.box), landmarks=_fmt(best.landmarks))
-            return None, f"low_score ({best.score:.3f} < --min-score {spec.min_score})"
+            return None, f"low_score ({shown_below(best.score, spec.min_score, 3)} < --min-score {spec.min_score})"
         big = [f for f in good if min(f.width, f.height) >= spec.min_size]
         if not big:
             best = max(good, key=lambda f: f.width * f.height)
             res.update(det_score=f"{best.score:.4f}", box=_fmt(best.box), landmarks=_fmt(best.landmarks))
-            return None, f"small_face ({min(best.width, best.height):.0f} px < --min-size {spec.min_size})"
+            size = shown_below(min(best.width, best.height), spec.min_size, 0)
+            return None, f"small_face ({size} px < --min-size {spec.min_size})"
         face = pick_face(big, w, h, spec.pick)
         res.update(det_score=f"{face.score:.4f}", box=_fmt(face.box), landmarks=_fmt(face.landmarks))
         return norm_crop(bgr, face.landmarks, spec.size), ""
@@ -638,7 +640,8 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     plan = _plan(index, state, out, ext)
     todo = len(plan.rows)
     cores = usable_cores()
-    workers = cfg.workers if cfg.workers > 0 else (min(cores, 8) if todo >= 64 else 1)
+    # --workers as in every stage: N processes, -1 = cores − 1 (at most 8), 0 (or 1) = this process
+    workers = default_workers(cfg.workers) if cfg.workers >= 0 or todo >= 64 else 1
     workers = max(1, min(workers, max(1, todo)))
     threads = cfg.threads if cfg.threads > 0 else max(1, cores // workers)
     spec = WorkerSpec(cfg.detector, str(cfg.model) if cfg.model else None, threads, use_cuda, cfg.det_size,
@@ -698,6 +701,7 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     counts = _write_report(out, index, state)
     (out / JOURNAL).unlink(missing_ok=True)
     summary = _summary(index, counts, todo, done, timing, cfg, workers, threads, use_cuda, min_score, out)
+    summary["skipped_files"] = _report_skipped(out, index)
     tree = _tree_fingerprint(index, plan.src_bytes, plan.src_mtime)
     inputs: dict[str, Any] = {"data": {"path": str(Path(cfg.data).resolve()), "fingerprint": tree}}
     if cfg.model and cfg.detector in ("scrfd", "yunet"):
@@ -709,6 +713,33 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     write_manifest(out, "aligned", params=params, inputs=inputs, files=[REPORT, FACES_CSV],
                    extra={"summary": {k: summary[k] for k in ("images", "aligned", "quarantined", "failed")}})
     return summary
+
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def shown_below(value: float, limit: float, digits: int) -> str:
+    """``value`` with the fewest decimals (from ``digits``) that still read below ``limit``: a reason
+    never says ``24 px < --min-size 24`` for a 23.58 px face."""
+    for d in range(digits, 7):
+        text = f"{value:.{d}f}"
+        if float(text) < limit:
+            return text
+    return repr(float(value))
+
+
+def _report_skipped(out: Path, index: FaceIndex) -> int:
+    """Files of the identity folders that are not photos: listed in ``skipped.csv`` and warned about."""
+    skipped = skipped_files(index)
+    (out / SKIPPED_CSV).unlink(missing_ok=True)
+    if skipped:
+        with atomic_open(out / SKIPPED_CSV, "w") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["image", "status"])
+            w.writerows(skipped)
+        ui.warn(f"{len(skipped)} files are not an image type and were skipped (e.g. {skipped[0][0]}); "
+                f"see {out / SKIPPED_CSV}")
+    return len(skipped)
 
 
 def reason_group(reason: str) -> str:
@@ -769,10 +800,6 @@ def _summary(index: FaceIndex, counts: dict[str, Counter[str]], todo: int, done:
         "out": str(out),
         "report": str(out / REPORT),
     }
-
-
-def config_dict(cfg: AlignConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
 def run(cfg: AlignConfig, device: Any = "auto") -> Summary:

@@ -58,6 +58,7 @@ class EvalConfig:
     center_crop: float | None = None
     folds: int = 10
     seed: int = 0
+    overwrite: bool = False  # replace an earlier report in ``out`` (else refuse, as the other stages do)
 
 
 def _check_options(cfg: EvalConfig) -> None:
@@ -83,6 +84,10 @@ def _check_options(cfg: EvalConfig) -> None:
     for opt, p in (("--data", cfg.data), ("--store", cfg.store)):
         if p is not None and not Path(p).exists():
             raise LblError(f"{opt} {p}: no such file or folder")
+    out = Path(cfg.out)
+    if not cfg.overwrite and (out / METRICS).exists():
+        raise LblError(f"--out {out}: already holds an eval report; add --overwrite to replace it "
+                       "or choose a new --out")
 
 
 # --------------------------------------------------------------------------- verification
@@ -316,10 +321,12 @@ def _run(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
         store = PrototypeStore.open(cfg.store, mode="r", expect_embedding_size=backbone.embedding_size)
         accepted = backbone_identities(backbone)
         if store.backbone_fingerprint and store.backbone_fingerprint not in accepted:
-            made_by = store.backbone_fingerprint
+            made_by, trained = store.backbone_fingerprint, store.committed_step > 0
             store.close()
+            advice = ("it was trained by train-dp, so evaluate it with that run's backbone (--backbone RUN2)"
+                      if trained else "re-imprint the store with this backbone")
             raise IncompatibleArtifact(f"--store {cfg.store}: made by another backbone ({made_by[:19]}…, expected "
-                                       f"{accepted[0][:19]}…); re-imprint the store with this backbone")
+                                       f"{accepted[0][:19]}…); {advice}")
     try:
         return _evaluate(cfg, device, backbone, store)
     finally:
@@ -411,7 +418,7 @@ def metrics_table(metrics: dict[str, Any], reasons: dict[str, str]):
     v = metrics.get("verification")
     if v:
         table.add_row("pairs (genuine / impostor)", f"{v['pairs']}", f"{v['genuine']} / {v['impostor']}")
-        table.add_row("10-fold accuracy", f"{v['accuracy']:.4f}", f"± {v['accuracy_std']:.4f}")
+        table.add_row(f"{v.get('folds', 10)}-fold accuracy", f"{v['accuracy']:.4f}", f"± {v['accuracy_std']:.4f}")
         table.add_row("AUC", f"{v['auc']:.4f}", "")
         table.add_row("EER", f"{v['eer']:.4f}", "")
         for key in FAR_TARGETS:

@@ -32,6 +32,7 @@ from lblctl.core.summary import Summary
 from lblctl.data.faces import FaceDataset, FaceIndex, ProblemLog, make_loader, open_face_set
 from lblctl.data.features import FeaturesFile
 from lblctl.models.checkpoint import Backbone, open_backbone
+from lblctl.train.engine import DeferredInterrupt, Interrupted, fetch
 
 STAGING = ".imprint"
 STATE = "state.json"
@@ -180,10 +181,14 @@ def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
         done = upto
 
     last_checkpoint = start
-    with ui.progress("imgs/s") as bar:
+    def save_interrupted() -> None:
+        stage.checkpoint(done)
+        raise Interrupted(f"{done - start} more identities ({done} of {n}) in {Path(cfg.out) / STAGING}")
+
+    with ui.progress("imgs/s") as bar, DeferredInterrupt() as stop:
         task = bar.add_task("imprint", total=n - start, **{"imgs/s": "-"})
         t_loop = time.perf_counter()
-        for b, batch in enumerate(loader):
+        for b, batch in enumerate(fetch(loader, stop, save_interrupted)):
             stage.add_problems(batch.problems)
             lo, hi = b * cfg.batch_size, min(len(rows), (b + 1) * cfg.batch_size)
             if batch.problems:  # a bad photo's identity: the rows of this batch that did not come back
@@ -209,6 +214,8 @@ def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
                 last_checkpoint = done
                 if on_checkpoint is not None:
                     on_checkpoint(done)
+            if stop.requested is not None:  # between batches: every identity below ``done`` is whole
+                save_interrupted()
         finish_upto(n)
         bar.update(task, completed=n - start)
     stage.checkpoint(n)

@@ -17,6 +17,7 @@ code (self removed, ties broken by lower row number, −1 padding).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -204,7 +205,7 @@ def build_index(source: VectorSource, spec: IndexSpec, *, seed: int = 0, chunk_r
         rows = np.sort(rng.choice(n, size=min(n, spec.train_rows), replace=False))
         sample = _check_chunk(0, source.gather(rows))
         with ui.console.status(f"training {spec.kind} ({spec.nlist} lists) on {len(rows)} rows",
-                               spinner="dots") if not ui.is_quiet() else _null():
+                               spinner="dots") if not ui.is_quiet() else contextlib.nullcontext():
             if use_gpu and spec.kind == "ivf":
                 clus = faiss.Clustering(d, spec.nlist, index.cp)
                 gpu_q = to_gpu(faiss.IndexFlatIP(d))
@@ -223,14 +224,6 @@ def build_index(source: VectorSource, spec: IndexSpec, *, seed: int = 0, chunk_r
     if index.ntotal != n:
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
     return index
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
@@ -488,10 +481,11 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
     use_gpu = bool(use_gpu and gpu_count() > 0)
     t_start = time.perf_counter()
     with PrototypeStore.open(folder, "r") as store:
-        n, d, k = store.num_rows, store.embedding_size, cfg.candidates
+        n, d = store.num_rows, store.embedding_size
         if n < 2:
             raise LblError(f"{folder}: the store holds {n} identit{'y' if n == 1 else 'ies'}; "
                            "queues need at least 2")
+        k, dominant = queue_sizes(n, cfg.candidates, cfg.dominant)
         spec = choose_index(n, d, k, cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
         where = "GPU" if use_gpu else "CPU"
         ui.info(f"{n} prototypes × {d}: {spec.kind} index ({spec.reason}); faiss on {where}")
@@ -503,7 +497,7 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         attrs = {"embedding_size": d, "backbone_fingerprint": store.backbone_fingerprint or "",
                  "index": json.dumps(spec.as_dict())}
         t0 = time.perf_counter()
-        with Queues.create(folder / QUEUES, n, k, cfg.dominant, attrs) as writer:
+        with Queues.create(folder / QUEUES, n, k, dominant, attrs) as writer:
             search_all(index, store, spec, k, writer.write, batch_size=cfg.batch_size, use_gpu=use_gpu)
             writer.commit()
         search_s = time.perf_counter() - t0
@@ -538,7 +532,7 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         "index": spec.as_dict(),
         "faiss_device": "gpu" if use_gpu else "cpu",
         "candidates": k,
-        "dominant": cfg.dominant,
+        "dominant": dominant,
         "recall_at_k": round(recall, 5),
         "recall_rows": recall_rows,
         "recall_note": ("exact index" if spec.kind == "flat"
@@ -555,6 +549,15 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
     write_index_manifest(folder, files, params={k2: v for k2, v in vars(cfg).items() if k2 != "store"},
                          embedding_size=d, backbone_fingerprint=backbone_fp, summary=summary)
     return summary
+
+
+def queue_sizes(n: int, candidates: int, dominant: int) -> tuple[int, int]:
+    """Queue widths that fit N identities (at most N − 1 others each), with a warning when cut."""
+    k, dq = min(candidates, n - 1), min(dominant, n - 1)
+    if (k, dq) != (candidates, dominant):
+        ui.warn(f"--candidates {candidates} / --dominant {dominant}: the store holds {n} identities, so each "
+                f"has only {n - 1} others; using --candidates {k} --dominant {dq}")
+    return k, dq
 
 
 def _given_threshold(value: float):

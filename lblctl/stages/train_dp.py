@@ -19,6 +19,7 @@ same selections, photos and RNG streams.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +30,14 @@ import torch
 from torch import nn
 
 from lblctl.core import ui
-from lblctl.core.artifacts import describe_input, write_manifest
+from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
 from lblctl.core.summary import Summary
 from lblctl.data.faces import open_face_set
 from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
-from lblctl.models.losses import build_loss
+from lblctl.models.losses import build_loss, resolve_loss_options
 from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
 from lblctl.train.dp_data import FeatureSource, ImageSource
 from lblctl.train.dp_head import DPHead
@@ -44,6 +45,7 @@ from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfi
 from lblctl.train.streamer import StepData, StoreStreamer
 
 HEADS = ("dp", "random", "full")
+INDEX_MANIFEST = "index_manifest.json"  # build-index's manifest beside the store's (lblctl.stages.index)
 JOURNAL = "undo.bin"
 
 
@@ -61,7 +63,7 @@ class TrainDPConfig:
     photos_per_class: int = 2
     batch_size: int = 0  # images per step; 0 = K × photos_per_class
     loss: str = "cosface"
-    loss_kwargs: dict[str, float] = field(default_factory=lambda: {"s": 24.0, "m": 0.2})
+    loss_kwargs: dict[str, float | None] = field(default_factory=dict)  # s, m; missing/None: the loss's defaults
     head_lr: float | None = None
     freeze_backbone: bool = False
     projection: bool = False  # head-only mode: also learn a linear projection of the features
@@ -98,16 +100,42 @@ def _prepare_store(cfg: TrainDPConfig) -> Path:
             raise LblError(f"--out-store {dst}: already holds a store; add --resume or choose a new folder")
         return dst
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("prototypes.h5", "queues.h5", "index.faiss", "manifest.json", "duplicates.csv"):
+    for name in ("prototypes.h5", "queues.h5", "index.faiss", "manifest.json", "duplicates.csv", INDEX_MANIFEST):
         if (src / name).exists():
             shutil.copy2(src / name, dst / f".{name}.copy")
-    for name in ("prototypes.h5", "queues.h5", "index.faiss", "duplicates.csv", "manifest.json"):
+    for name in ("prototypes.h5", "queues.h5", "index.faiss", "duplicates.csv", INDEX_MANIFEST, "manifest.json"):
         if (dst / f".{name}.copy").exists():
             (dst / f".{name}.copy").rename(dst / name)  # manifest last: a torn copy never opens
     return dst
 
 
+def finished_run(cfg: TrainDPConfig) -> dict[str, Any] | None:
+    """A run that already finished in ``--out``: with ``--resume`` and the same length, its summary
+    (nothing to do); otherwise how to train further. Never touches the store, whose prototypes now
+    belong with ``OUT/backbone.pt`` (re-imprinting would throw that training away)."""
+    out = Path(cfg.out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        params = manifest["params"]
+        if "head" not in params or "summary" not in manifest:
+            return None  # not a train-dp run's manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    steps = manifest["summary"].get("steps")
+    same = params.get("epochs") == cfg.epochs and (cfg.epochs is not None or
+                                                   params.get("train", {}).get("steps") == cfg.train.steps)
+    if cfg.resume and same:
+        ui.info(f"--out {out}: this train-dp run already finished ({steps} steps); nothing to resume")
+        return {**manifest["summary"], "already_complete": True}
+    again = f"--backbone {out}" if (out / FILENAME).exists() else "--features …"
+    raise LblError(f"--out {out}: holds a finished train-dp run ({steps} steps); to train further, start a new "
+                   f"run from it: {again} --store {cfg.out_store or cfg.store} --out NEW_FOLDER (without --resume)")
+
+
 def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
+    done = finished_run(cfg)
+    if done is not None:
+        return done
     cfg.validate()
     out = Path(cfg.out)
     ckpt_dir = out / CHECKPOINT_DIR
@@ -117,11 +145,14 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
     store_dir = _prepare_store(cfg)
 
     backbone = load_backbone(cfg.backbone, device) if cfg.backbone is not None else None
-    store = PrototypeStore.open(
-        store_dir, "r+",
-        expect_embedding_size=backbone.embedding_size if backbone else None,
-        expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
-    )
+    try:
+        store = PrototypeStore.open(
+            store_dir, "r+",
+            expect_embedding_size=backbone.embedding_size if backbone else None,
+            expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
+        )
+    except IncompatibleArtifact as exc:
+        raise IncompatibleArtifact(_trained_store_advice(store_dir, str(exc))) from None
     dim, n = store.embedding_size, store.num_rows
     queues = None
     if cfg.head == "dp":
@@ -138,6 +169,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
          queues: Queues | None, backbone, dim: int, n: int, journal_path: Path) -> dict[str, Any]:
     source, model = _source_and_model(cfg, store, backbone, dim, device)
     sampler = DominantSampler(n, source.trainable, cfg.classes, cfg.sampled, cfg.train.seed, mode=cfg.head)
+    _warn_clamped(cfg, sampler, n)
     k, per_class, tcfg = sampler.classes, cfg.photos_per_class, cfg.train
     if cfg.batch_size > 0:
         batch_classes = max(1, min(k, cfg.batch_size // per_class))
@@ -146,7 +178,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     if cfg.epochs is not None:
         tcfg.steps = cfg.epochs * sampler.steps_per_epoch
     train_backbone = not cfg.freeze_backbone and (cfg.data is not None or cfg.projection)
-    head = DPHead(k, dim, build_loss(cfg.loss, **cfg.loss_kwargs), lr=cfg.head_lr or tcfg.lr,
+    loss_options = resolve_loss_options(cfg.loss, cfg.loss_kwargs)
+    head = DPHead(k, dim, build_loss(cfg.loss, **loss_options), lr=cfg.head_lr or tcfg.lr,
                   momentum=tcfg.momentum, device=device)
     modules: dict[str, nn.Module] = {"backbone": model} if train_backbone else {}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}] if train_backbone else []
@@ -228,7 +261,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         source.close()
     summary = {
         "out": str(out), "store": str(store_dir), "head": cfg.head, "classes": k, "sampled": sampler.sampled,
-        "batch_classes": batch_classes, "identities": n, "trainable_identities": int(len(source.trainable)),
+        "batch_classes": batch_classes, "loss": {"name": cfg.loss, **loss_options}, "identities": n,
+        "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
         "wait_for_data_s": streamer.wait_s, "problems": source.problems.summary(), "device": str(device),
     }
@@ -302,9 +336,33 @@ def _finish(cfg: TrainDPConfig, out: Path, store_dir: Path, store: PrototypeStor
         inputs["features"] = describe_input(cfg.features)
     write_manifest(out, "backbone" if cfg.data is not None else "train-dp", params=params, inputs=inputs,
                    files=files, embedding_size=dim, backbone_fingerprint=fingerprint,
-                   extra={"summary": {x: summary[x] for x in ("steps", "final_loss", "store_rows_touched",
-                                                              "queue_changes")}})
+                   extra={"summary": summary})  # the whole summary: --resume on a finished run reports it
     return summary
+
+
+def _trained_store_advice(store_dir: Path, message: str) -> str:
+    """A store that train-dp already trained belongs with that run's backbone: say so instead of the
+    generic "re-imprint" (which would throw its training away)."""
+    if "another backbone" not in message:
+        return message
+    try:
+        with PrototypeStore.open(store_dir, "r") as st:
+            trained = st.committed_step > 0
+    except (LblError, OSError):
+        return message
+    if not trained:
+        return message
+    return (f"--store {store_dir}: was trained by an earlier train-dp run and now belongs with that run's "
+            "backbone; to train further give --backbone RUN2 (that run's --out), not the backbone it started "
+            "from (re-imprinting would throw the training away)")
+
+
+def _warn_clamped(cfg: TrainDPConfig, sampler: DominantSampler, n: int) -> None:
+    """Say so when K or S had to shrink to fit the store (the summary holds the values used)."""
+    if cfg.head != "full" and (sampler.classes, sampler.sampled) != (cfg.classes, cfg.sampled):
+        ui.warn(f"--classes {cfg.classes} / --sampled {cfg.sampled}: the store holds {n} identities "
+                f"({len(sampler.trainable)} with photos); using --classes {sampler.classes} "
+                f"--sampled {sampler.sampled}")
 
 
 def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int) -> None:

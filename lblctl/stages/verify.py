@@ -38,6 +38,7 @@ from lblctl.data.faces import (
 from lblctl.data.pairs import PairsFile
 
 ADDED_COLUMNS = ("score", "same_pred", "error")
+ROWS_FAILED_EXIT = 3  # verify-pair's exit status when any row could not be scored (documented in --help)
 
 
 class AlignedPathDataset(PathDataset):
@@ -227,6 +228,8 @@ def threshold_from_calibration(calibration: str | os.PathLike, far: float,
                                flip: bool | None = None) -> float:
     """The threshold at ``far`` from an eval report's ``metrics.json`` made with the same backbone
     (``backbone_fingerprint``: one fingerprint, or several that all stand for it)."""
+    if not math.isfinite(far) or not 0 < far < 1:
+        raise LblError(f"--far {far}: a false-accept rate is between 0 and 1 (exclusive); use 1e-1 … 1e-6")
     path = Path(calibration)
     if path.is_dir():
         path = path / "metrics.json"
@@ -295,10 +298,17 @@ def _side_error(which: str, value: np.ndarray | str) -> str:
     return f"{which}: {value}" if isinstance(value, str) else ""
 
 
+def check_scores_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an earlier SCORES.csv unless asked (as every other stage refuses its --out)."""
+    if not overwrite and Path(out).exists():
+        raise LblError(f"--out {out}: already exists; add --overwrite to replace it or choose a new file")
+
+
 def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike, threshold: float, *,
                  flip: bool = False, batch_size: int = 64, workers: int = 0, chunk_rows: int = 8192,
                  cache_size: int | None = 50_000, root: str | os.PathLike | None = None,
-                 dataset_factory: Callable[[list[str]], PathDataset] | None = None) -> dict[str, Any]:
+                 dataset_factory: Callable[[list[str]], PathDataset] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Score every row of ``pairs`` into ``out`` (input columns + score, same_pred, error)."""
     if chunk_rows < 1:
         raise LblError(f"--chunk-rows {chunk_rows}: must be at least 1")
@@ -308,6 +318,7 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
     out = Path(out)
     if out.resolve() == stream.path.resolve():
         raise LblError(f"--out {out}: is the --pairs file; write the scores to another file")
+    check_scores_out(out, overwrite)
     if cache_size and cache_size < 2 * chunk_rows:
         cache_size = 2 * chunk_rows  # a chunk's own images must fit
     cache = EmbeddingCache(backbone, batch_size=batch_size, workers=workers, flip=flip, capacity=cache_size,
@@ -361,7 +372,8 @@ def verify_pairs(backbone: Any, pairs: str | os.PathLike, out: str | os.PathLike
             "labelled": labelled,
             "accuracy": (res.tp + res.tn) / labelled,
             "tar": res.tp / (res.tp + res.fn) if res.tp + res.fn else None,
-            "far": res.fp / (res.fp + res.tn) if res.fp + res.tn else None,
+            # the rate measured on this file's labels (the --far asked for is ``far_requested``)
+            "far_measured": res.fp / (res.fp + res.tn) if res.fp + res.tn else None,
             "genuine": res.tp + res.fn, "impostor": res.fp + res.tn,
         })
     if res.failed:
@@ -412,6 +424,7 @@ class VerifyConfig:
     chunk_rows: int = 8192
     cache_size: int = 50_000
     workers: int = 0
+    overwrite: bool = False  # replace an existing --out
 
 
 def run(cfg: VerifyConfig, device: Any = "auto") -> Summary:
@@ -427,6 +440,7 @@ def run(cfg: VerifyConfig, device: Any = "auto") -> Summary:
         raise LblError("--far needs --calibration REPORT/metrics.json (an eval report made with this backbone)")
     if not Path(cfg.pairs).is_file():
         raise LblError(f"--pairs {cfg.pairs}: no such file")
+    check_scores_out(cfg.out, cfg.overwrite)
     bb = open_backbone(cfg.backbone, as_device(device))
     if cfg.center_crop is not None:
         bb.preprocess = replace(bb.preprocess, center_crop=cfg.center_crop)
@@ -436,11 +450,12 @@ def run(cfg: VerifyConfig, device: Any = "auto") -> Summary:
         threshold = threshold_from_calibration(cfg.calibration, cfg.far, backbone_identities(bb), cfg.flip)
     summary = verify_pairs(bb, cfg.pairs, cfg.out, threshold, flip=cfg.flip, batch_size=cfg.batch_size,
                            workers=cfg.workers, chunk_rows=cfg.chunk_rows, cache_size=cfg.cache_size,
-                           dataset_factory=factory)
+                           dataset_factory=factory, overwrite=cfg.overwrite)
     params = {"threshold": threshold, "far": cfg.far, "calibration": str(cfg.calibration) if cfg.calibration else None,
               "flip": cfg.flip, "align": cfg.align, "align_model": str(cfg.align_model) if cfg.align_model else None,
               "center_crop": 1.0 if factory else bb.preprocess.center_crop, "input_size": bb.preprocess.input_size}
     write_scores_manifest(cfg.out, bb, cfg.pairs, params, summary)
     if cfg.far is not None:
         summary["threshold_from"] = f"FAR {cfg.far:g} in {cfg.calibration}"
-    return Summary("verify-pair", summary)
+        summary["far_requested"] = cfg.far
+    return Summary("verify-pair", summary, exit_code=ROWS_FAILED_EXIT if summary["failed"] else 0)

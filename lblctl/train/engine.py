@@ -12,8 +12,10 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,70 @@ from lblctl.core.errors import IncompatibleArtifact, LblError
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
+
+
+def fetch(batches: Iterable[Any], stop: DeferredInterrupt, save: Callable[[], None]) -> Iterator[Any]:
+    """The batches; a fetch that fails after an interrupt (DataLoader workers took the terminal's
+    Ctrl-C too) still calls ``save``, since fetching happens between steps, where the state is whole."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.requested is not None:
+                save()
+            raise
+        yield batch
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM after the work done so far was saved; ``saved`` says what, for the message.
+
+    ``Interrupted.last`` keeps the latest one: the CLI framework turns a KeyboardInterrupt into exit
+    code 130 and drops the exception before the CLI's handler could read it."""
+
+    last: Interrupted | None = None
+
+    def __init__(self, saved: str) -> None:
+        super().__init__(saved)
+        self.saved = saved
+        Interrupted.last = self
+
+
+class DeferredInterrupt:
+    """While active, SIGINT / SIGTERM only set :attr:`requested`, so that the loop can stop at a point
+    where its state is whole (between steps) and save it. A second signal stops at once, as usual.
+    Only the main thread can own signal handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:  # the second one: no waiting
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signum
+        ui.warn(f"{signal.Signals(signum).name}: finishing this step and saving (press Ctrl-C again to stop now, "
+                "losing the work since the last checkpoint)")
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
 
 @dataclass
@@ -237,6 +303,11 @@ class Trainer:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _save_interrupted(self) -> None:
+        """Checkpoint at the current step (between steps, so it is whole) and stop with :class:`Interrupted`."""
+        path = self.save_checkpoint()
+        raise Interrupted(f"checkpoint {path} (step {self.step} of {self.cfg.steps})")
+
     def fit(
         self,
         batches_for_epoch: Callable[[int, int], Iterable[Any]],
@@ -259,11 +330,11 @@ class Trainer:
         epoch_metrics: dict[str, Any] = {}
         window_samples, window_t0, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
         total_samples, t_start, start_step = 0, time.perf_counter(), self.step
-        with ui.progress("loss", "samples_s") as bar:
+        with ui.progress("loss", "samples_s") as bar, DeferredInterrupt() as stop:
             task = bar.add_task(description, total=self.cfg.steps, completed=self.step, loss="-", samples_s="-")
             while self.step < self.cfg.steps:
                 consumed = False
-                for batch in batches_for_epoch(self.epoch, self.epoch_batch):
+                for batch in fetch(batches_for_epoch(self.epoch, self.epoch_batch), stop, self._save_interrupted):
                     consumed = True
                     self.epoch_batch += 1
                     result = compute(batch)
@@ -295,6 +366,8 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= self.cfg.steps:
                         break
+                    if stop.requested is not None:
+                        self._save_interrupted()
                 if self.step >= self.cfg.steps and self.epoch_batch < steps_per_epoch:
                     break
                 if not consumed and self.epoch_batch == 0:
