@@ -221,6 +221,7 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
             f["features"] = _unit(rng, 2 * feat_ids, d)
             f["identities"] = np.array([f"synthetic_{i // 2:08d}" for i in range(2 * feat_ids)], dtype=object
                                        ).astype(h5py.string_dtype())
+    os.sync()  # the build's dirty pages are on the disk: their write-back must not throttle the steps
     build_s = time.perf_counter() - t0
     from lblctl.core.store import PrototypeStore
     from lblctl.stages.train_dp import TrainDPConfig, train_dp
