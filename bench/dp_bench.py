@@ -4,8 +4,11 @@
     python bench/dp_bench.py --part overhead --n 1000000
     python bench/dp_bench.py --part accuracy
     python bench/dp_bench.py --quick            # all three, small
+    python bench/dp_bench.py --part scale --sizes 10000,100000,1000000,10000000 \
+        --pfc-path /path/to/arcface_torch/partial_fc_v2.py   # issue 18: s/step vs N, beside Partial FC
 
-Results: bench/results/dp_bench.json and .md (merged per part, with the machine).
+Results: bench/results/dp_bench.json and .md (merged per part, with the machine); the scale part
+writes bench/results/dp_scale.json and .md.
 """
 
 from __future__ import annotations
@@ -184,6 +187,207 @@ def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int, repeats:
     return out
 
 
+# ----------------------------------------------------------------------------- scale (issue 18)
+
+_PARTS = {  # part of a step: the functions whose time it is (module, class, method)
+    "sampler": [("lblctl.train.dp", "DominantSampler", "select")],
+    "gather": [("lblctl.core.store", "PrototypeStore", "gather"),
+               ("lblctl.core.store", "PrototypeStore", "gather_momentum")],
+    "write_back": [("lblctl.core.store", "PrototypeStore", "scatter"),
+                   ("lblctl.core.store", "PrototypeStore", "_flush_cache")],
+    "journal": [("lblctl.core.store", "PrototypeStore", "_append_commit"),
+                ("lblctl.core.undo", "UndoJournal", "record"), ("lblctl.core.undo", "UndoJournal", "first_touch")],
+    "queue_update": [("lblctl.core.queues", "Queues", "promote")],
+}
+
+
+def _instrument() -> tuple[dict[str, float], list[float]]:
+    """Wrap the step's parts with timers (a bench, not a test: timing only, behaviour unchanged)."""
+    import functools
+    import importlib
+    import threading
+
+    totals = {k: 0.0 for k in _PARTS}
+    stamps: list[float] = []
+    depth = threading.local()
+    for part, targets in _PARTS.items():
+        for mod, cls, meth in targets:
+            klass = getattr(importlib.import_module(mod), cls)
+            orig = getattr(klass, meth)
+
+            def timed(*a, _orig=orig, _part=part, **kw):
+                if getattr(depth, "on", False):  # nested (gather inside undo journaling): count once
+                    return _orig(*a, **kw)
+                depth.on = True
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*a, **kw)
+                finally:
+                    depth.on = False
+                    totals[_part] += time.perf_counter() - t0
+                    if _part == "sampler":
+                        stamps.append(t0)
+
+            setattr(klass, meth, functools.wraps(orig)(timed))
+    return totals, stamps
+
+
+def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool) -> dict:
+    import h5py
+    import torch
+
+    t0 = time.perf_counter()
+    dtype = "float16" if n >= 5_000_000 else "float32"
+    if build:
+        make_synthetic_store(work / "store", n, d, dtype)
+        feat_ids = min(n, 20_000)
+        rng = np.random.default_rng(1)
+        with h5py.File(work / "feats.h5", "w") as f:
+            f["features"] = _unit(rng, 2 * feat_ids, d)
+            f["identities"] = np.array([f"synthetic_{i // 2:08d}" for i in range(2 * feat_ids)], dtype=object
+                                       ).astype(h5py.string_dtype())
+    os.sync()  # the build's dirty pages are on the disk: their write-back must not throttle the steps
+    build_s = time.perf_counter() - t0
+    from lblctl.core.store import PrototypeStore
+    from lblctl.stages.train_dp import TrainDPConfig, train_dp
+    from lblctl.train.engine import TrainConfig
+
+    if cold:  # nothing of the store in the page cache, and no pre-faulting at open: every row from the disk
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        PrototypeStore._populate = lambda self, populate: None  # type: ignore[method-assign]
+    totals, stamps = _instrument()
+    rss_before = anon_rss_mib()
+    out = work / ("run_cold" if cold else "run_warm")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainDPConfig(store=work / "store", out=out, features=work / "feats.h5", classes=k,
+                        sampled=k // 4, photos_per_class=2, batch_size=256, workers=1,
+                        train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
+                                          log_every=steps, checkpoint_every=0, seed=0))
+    s = train_dp(cfg, torch.device("cpu"))
+    gaps = np.diff(np.asarray(stamps[1:]))  # select(s+1) runs once per step: its spacing is the step time
+    steady = gaps[3:] if len(gaps) > 6 else gaps
+    per = {p: v / steps for p, v in totals.items()}
+    sps = float(np.median(steady))
+    return {
+        "n": n, "d": d, "k": k, "batch": 256, "dtype": dtype, "steps": steps, "cache": "cold" if cold else "warm",
+        "build_s": round(build_s, 1), "s_per_step_median": sps, "s_per_step_mean": float(np.mean(steady)),
+        "run_seconds": s["seconds"], "parts_s_per_step": per,
+        "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
+        "compute_rest_s_per_step": sps - per["sampler"] - per["queue_update"] - s["wait_for_data_s"] / steps,
+        "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
+        "anon_rss_mib_before": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def pfc_child(n: int, d: int, rate: float, steps: int, pfc_path: str) -> dict:
+    """arcface_torch's own PartialFC_V2 (loaded from a path, not vendored) in a 1-process gloo group."""
+    import importlib.util
+    import socket
+
+    import torch
+    from torch import distributed
+
+    if not torch.cuda.is_available():  # its .cuda() calls become no-ops on a CPU-only machine
+        torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    spec = importlib.util.spec_from_file_location("partial_fc_v2", pfc_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def cosface(logits: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: float = 0.4) -> torch.Tensor:
+        index = torch.where(labels != -1)[0]
+        logits[index, labels[index].view(-1)] -= m
+        return logits * s
+
+    torch.manual_seed(0)
+    pfc = mod.PartialFC_V2(cosface, d, n, sample_rate=rate, fp16=False)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb = torch.nn.functional.normalize(torch.randn(256, d))
+    times = []
+    for step in range(steps + 2):
+        labels = torch.randint(0, n, (256,))
+        t0 = time.perf_counter()
+        loss = pfc(emb, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
+    distributed.destroy_process_group()
+    return {"n": n, "rate": rate, "steps": steps, "s_per_step_median": float(np.median(times)),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1], "args": args}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_path: str | None,
+              pfc_steps: int, pfc_max_n: dict[float, int]) -> dict:
+    rows: list[dict] = []
+    pfc: list[dict] = []
+    for n in sizes:
+        work = scratch / f"scale_{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        common = ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps", str(steps), "--scratch", str(work)]
+        for cold in (False, True):
+            rows.append({"n": n, **_child(common + (["--cold"] if cold else ["--build"]))})
+            print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        for rate, top in pfc_max_n.items():
+            if pfc_path and n <= top:
+                pfc.append({"n": n, **_child(["--child-pfc", str(n), "--d", str(d), "--rate", str(rate),
+                                              "--steps", str(pfc_steps), "--pfc-path", pfc_path])})
+                print(json.dumps(pfc[-1]), flush=True)
+    return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps}
+
+
+def render_scale(r: dict) -> str:
+    lb = {(x["n"], x.get("cache")): x for x in r["lblctl"] if "error" not in x}
+    pf = {(x["n"], x.get("rate")): x for x in r["partial_fc"] if "error" not in x}
+    ns = sorted({x["n"] for x in r["lblctl"]})
+    base = lb.get((ns[0], "warm"), {}).get("s_per_step_median") if ns else None
+
+    def f(v: float | None) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "–"
+
+    md = [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
+          "median s/step after 3 warm-up steps)", "",
+          "| N | dtype | lblctl warm | × 10k | lblctl cold | Partial FC 0.1 | Partial FC 1.0 | PFC 0.1 / lblctl warm |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for n in ns:
+        w, c = lb.get((n, "warm"), {}), lb.get((n, "cold"), {})
+        p1, p10 = pf.get((n, 0.1), {}).get("s_per_step_median"), pf.get((n, 1.0), {}).get("s_per_step_median")
+        sw = w.get("s_per_step_median")
+        ratio = f"{sw / base:.2f}" if sw and base else "–"
+        speed = f"×{p1 / sw:.0f}" if p1 and sw else "–"
+        md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(c.get('s_per_step_median'))} | "
+                  f"{f(p1)} | {f(p10)} | {speed} |")
+    md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute)", "",
+           "| N | cache | sampler | gather | compute (rest) | write-back | journal | queue update | "
+           "waiting for store | flushes | anon RSS MiB | load avg |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for x in r["lblctl"]:
+        if "error" in x:
+            md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||")
+            continue
+        p = x["parts_s_per_step"]
+        md.append(f"| {x['n']:,} | {x['cache']} | {p['sampler']:.4f} | {p['gather']:.4f} | "
+                  f"{x['compute_rest_s_per_step']:.4f} | {p['write_back']:.4f} | {p['journal']:.4f} | "
+                  f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | {x['store_flushes']} | "
+                  f"{x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
+    return "\n".join(md)
+
+
 # ----------------------------------------------------------------------------- accuracy (seed protocol)
 
 
@@ -307,7 +511,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["all", "memory", "overhead", "accuracy"])
+    ap.add_argument("--part", default="all", choices=["all", "memory", "overhead", "accuracy", "scale"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--n", type=int, default=1_000_000, help="identities for the overhead part")
@@ -316,10 +520,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2, help="overhead: rounds of (serial, overlap), order alternating")
     ap.add_argument("--scratch", default=None)
+    ap.add_argument("--pfc-path", default=None, help="scale: arcface_torch's partial_fc_v2.py, run beside lblctl")
+    ap.add_argument("--pfc-steps", type=int, default=10)
+    ap.add_argument("--pfc-max-n", default="1000000,100000", help="scale: largest N for PFC rate 0.1, rate 1.0")
     ap.add_argument("--child-memory", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child-scale", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child-pfc", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=0.1, help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
         print(json.dumps(memory_child(args.child_memory, args.d, args.k, args.steps, Path(args.scratch))))
+        return
+    if args.child_scale:
+        print(json.dumps(scale_child(args.child_scale, args.d, args.k, args.steps, Path(args.scratch), args.cold,
+                                     args.build)))
+        return
+    if args.child_pfc:
+        print(json.dumps(pfc_child(args.child_pfc, args.d, args.rate, args.steps, args.pfc_path)))
+        return
+    if args.part == "scale":
+        scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dp_scale_", dir=os.environ.get("TMPDIR", "/tmp")))
+        top = [int(x) for x in args.pfc_max_n.split(",")]
+        try:
+            res = run_scale([int(x) for x in args.sizes.split(",")], args.d, args.k, args.steps, scratch,
+                            args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        md = render_scale(res)
+        write_results("dp_scale", res, md)
+        print(md)
         return
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dp_bench_", dir=os.environ.get("TMPDIR", "/tmp")))
     previous = {}

@@ -63,6 +63,7 @@ def main(
     log_every: o.LogEvery = 10,
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
     resume: o.Resume = False,
+    store_cache_rows: Annotated[int, Opt(help="Store write-back cache, rows (0 = default 65,536).")] = 0,
     *,
     common: Common,
 ):
@@ -78,4 +79,4 @@ def main(
         classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
         loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
         projection=projection, epochs=epochs or None, workers=default_workers(workers), resume=resume,
-        train=train), common.device)
+        store_cache_rows=store_cache_rows or None, train=train), common.device)

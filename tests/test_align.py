@@ -25,6 +25,7 @@ from lblctl.stages.align import (
     QUARANTINE,
     REPORT,
     AlignConfig,
+    Journal,
     align,
     landmark_fit_error,
 )
@@ -291,10 +292,15 @@ def test_resume_skips_done_work_and_recovers_a_killed_run(tmp_path: Path) -> Non
     assert (out / ident.name / "new.png").is_file()
     assert not (out / gone.parent.name / (gone.stem + ".png")).exists()
 
-    # a killed run: no final report yet, the journal holds what finished, its last line cut
-    (out / REPORT).rename(out / JOURNAL)
-    with open(out / JOURNAL, "ab") as fh:
-        fh.write(b"Half/written_line.jpg,Half,spot,Half/wri")
+    # a killed run: no final report yet, the journal holds what finished, its last record cut
+    lines = (out / REPORT).read_bytes().splitlines(keepends=True)[1:]
+    (out / REPORT).unlink()
+    journal = Journal(out / JOURNAL)
+    for line in lines + [b"Half/written_line.jpg,Half,spot,Half/written_line.png,aligned" + b",x" * 9 + b"\n"]:
+        journal.write(line)
+    journal.close()
+    with open(out / JOURNAL, "r+b") as fh:
+        fh.truncate((out / JOURNAL).stat().st_size - 7)
     recovered = _run(data, out)
     assert recovered["this_run"]["processed"] == 0 and recovered["aligned"] == 6
     assert not (out / JOURNAL).exists() and len(_report(out)) == 6

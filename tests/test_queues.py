@@ -161,9 +161,33 @@ def test_crash_during_flush_replays_journal(tmp_path: Path, monkeypatch: pytest.
     assert not journal_path(tmp_path / "queues.h5").exists()
 
 
-def test_new_file_drops_old_journal(tmp_path: Path) -> None:
+def test_flush_journal_torn_record_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill while the journal record was being written: the file keeps the last flush."""
+    cand = _ring(10, 6)
+    _write(tmp_path / "queues.h5", cand, 3)
+    q = Queues.open(tmp_path / "queues.h5", "r+")
+    q.promote([0], [4])
+    monkeypatch.setattr(queues_mod, "_write_rows", lambda ds, rows, values: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        q.flush()
+    q.h5.close()
+    monkeypatch.undo()
+    jp = journal_path(tmp_path / "queues.h5")
+    jp.write_bytes(jp.read_bytes()[:-3])
+    with Queues.open(tmp_path / "queues.h5") as q2:
+        assert np.array_equal(q2.all_dominant(), cand[:, :3])
+
+
+def test_new_file_drops_old_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path / "queues.h5", _ring(10, 6), 3)
-    np.savez(journal_path(path), rows=np.array([0]), dominant=np.array([[9, 9, 9]], dtype=np.int32))
+    q = Queues.open(path, "r+")
+    q.promote([0], [4])
+    monkeypatch.setattr(queues_mod, "_write_rows", lambda ds, rows, values: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        q.flush()  # leaves a whole journal record behind
+    q.h5.close()
+    monkeypatch.undo()
+    assert journal_path(path).is_file()
     cand = _ring(10, 6)
     _write(path, cand, 3)  # build-index again: a stale journal must not apply to the new queues
     with Queues.open(path) as q:

@@ -185,26 +185,82 @@ def test_refuses_mismatched_or_broken_stores(tmp_path: Path) -> None:
         PrototypeStore.open(tmp_path / "nothing")
 
 
+DIE_AFTER_COMMITS = """
+import os, sys
+import numpy as np
+from lblctl.core.store import PrototypeStore
+s = PrototypeStore.open(sys.argv[1], "r+", cache="mmap")
+for step, rows in enumerate(sys.argv[2:], start=int(s.committed_step) + 1):
+    rows = [int(r) for r in rows.split(",")]
+    s.scatter(rows, np.ones((len(rows), 8)), step=step)
+os._exit(0)  # dies like a kill: no flush, no close
+"""
+
+
+def _die_after_commits(folder: Path, *row_lists: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", DIE_AFTER_COMMITS, str(folder), *row_lists], check=True, env=env)
+
+
 def test_recovery_of_each_crash_point(tmp_path: Path) -> None:
-    """The two states a kill can leave: a whole log not yet applied, and a half-written log."""
+    """The two states a kill can leave: whole commits only in the log, and a record cut short."""
     vecs = make(tmp_path / "s")
-    s = PrototypeStore.open(tmp_path / "s", "r+", cache="mmap")
-    s.scatter([3], np.ones((1, 8)), step=1)
-    s.scatter([4, 5], np.ones((2, 8)))  # commit 2 logged, then "killed" before it is applied
-    s._write_wal(2, s._p_rows, s._p_vec, None)
-    s.close()
-    with PrototypeStore.open(tmp_path / "s") as r:  # a reader sees step 2 without changing the file
-        assert r.committed_step == 2 and "read the commit of step 2" in r.recovery
+    _die_after_commits(tmp_path / "s", "3", "4,5")  # commits 0 and 1 exist only in the write-ahead log
+    with h5py.File(tmp_path / "s" / FILENAME, "r") as f:  # the data file was never touched
+        np.testing.assert_allclose(f["prototypes"][3:6], unit(vecs)[3:6], atol=1e-7)
+        assert f["committed_step"][0] == -1
+    with PrototypeStore.open(tmp_path / "s") as r:  # a reader sees step 1 without changing the file
+        assert r.committed_step == 1 and "read the commit of step 1" in r.recovery
         np.testing.assert_allclose(r.gather([3, 4, 5]), np.full((3, 8), 8 ** -0.5), atol=1e-7)
-    assert (tmp_path / "s" / WAL_NAME).exists()
+        np.testing.assert_array_equal(r.row_steps(np.array([3, 4, 5, 6])), [0, 1, 1, -1])
     with PrototypeStore.open(tmp_path / "s", "r+") as w:
-        assert w.committed_step == 2 and "completed the commit of step 2" in w.recovery
-        w.scatter([6], np.ones((1, 8)))  # commit 3 "killed" while its log was being written
-        (tmp_path / "s" / (WAL_NAME + ".tmp")).write_bytes(b"LBLWAL01 partial")
+        assert w.committed_step == 1 and "completed the commit of step 1" in w.recovery
+    with h5py.File(tmp_path / "s" / FILENAME, "r") as f:  # replayed into the file, the log emptied
+        np.testing.assert_allclose(f["prototypes"][3:6], np.full((3, 8), 8 ** -0.5), atol=1e-7)
+        assert f["committed_step"][0] == 1
+    _die_after_commits(tmp_path / "s", "6")  # commit 2 "killed" while its record was being written
+    wal = tmp_path / "s" / WAL_NAME
+    with open(wal, "r+b") as fh:
+        fh.truncate(wal.stat().st_size - 5)
     with PrototypeStore.open(tmp_path / "s", "r+") as w:
-        assert w.committed_step == 2 and "discarded an unfinished commit after step 2" in w.recovery
+        assert w.committed_step == 1 and "discarded an unfinished commit after step 1" in w.recovery
         np.testing.assert_allclose(w.gather([6])[0], unit(vecs)[6], atol=1e-7)
-        assert not list((tmp_path / "s").glob(WAL_NAME + "*"))
+    assert [p.name for p in (tmp_path / "s").glob(WAL_NAME + "*")] == [WAL_NAME]
+
+
+def test_steps_touch_one_log_and_no_data_page_until_flush(tmp_path: Path) -> None:
+    """Issue 18: a commit appends to the one log; rows reach the data file only when the write-back
+    cache is full, at flush() or at close(), in one pass; reads see them all along."""
+    vecs = make(tmp_path / "s", n=200, momentum=True)
+    folder = tmp_path / "s"
+    rng = np.random.default_rng(3)
+    want = unit(vecs).copy()
+    want_mom = np.zeros_like(want)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=40) as s:
+        assert s.write_cache_rows == 40
+        names = sorted(p.name for p in folder.iterdir())
+        inode = (folder / WAL_NAME).stat().st_ino
+        for step in range(6):  # 6 × 5 rows ≤ 40: everything stays in the cache
+            rows = np.arange(step * 5, step * 5 + 5)
+            new = rng.normal(size=(5, 8))
+            s.scatter(rows, new, momentum=new * 0.5, step=step)
+            want[rows], want_mom[rows] = unit(new), new * 0.5
+        assert sorted(p.name for p in folder.iterdir()) == names and (folder / WAL_NAME).stat().st_ino == inode
+        with h5py.File(folder / FILENAME, "r") as f:
+            np.testing.assert_allclose(f["prototypes"][:30], unit(vecs)[:30], atol=1e-7)
+        np.testing.assert_allclose(s.gather(np.arange(200)), want, atol=1e-7)
+        assert s.cached_rows == 30
+        s.scatter(np.arange(100, 115), rng.normal(size=(15, 8)), step=6)  # 45 > 40: the cache is flushed first
+        assert s.cached_rows == 15 and s.stats["flushes"] == 1
+        with h5py.File(folder / FILENAME, "r") as f:
+            np.testing.assert_allclose(f["prototypes"][:30], want[:30], atol=1e-7)
+            np.testing.assert_allclose(f["momentum"][:30], want_mom[:30], atol=1e-6)
+            assert f["committed_step"][0] == 5
+        s.flush()
+        assert s.cached_rows == 0 and (folder / WAL_NAME).stat().st_size == 16
+        with h5py.File(folder / FILENAME, "r") as f:
+            assert f["committed_step"][0] == 6 and (f["row_step"][100:115] == 6).all()
+        assert (folder / WAL_NAME).stat().st_ino == inode
 
 
 # ------------------------------------------------------------------ kill -9 at random moments

@@ -10,12 +10,14 @@ and calls :meth:`Queues.promote` with what the step predicted. Format (HDF5, con
 - attrs: ``format``, ``num_rows``, ``candidates``, ``dominant``, ``embedding_size``,
   ``backbone_fingerprint``, ``index`` (a JSON description of the search that made it).
 
-Crash safety: a new file is written under a temp name and renamed into place. Updates are kept in
-memory until :meth:`Queues.flush`, which first writes the changed rows' *final* values to a
-journal (``queues.h5.journal.npz``, atomically), then writes them into the file in place and
-removes the journal. Opening a file with a journal left by a crash replays it (replay is
-idempotent: it holds absolute values), so the file always reflects either the last flush or the
-one before it, never a half-written mix.
+Crash safety (the one layer of :mod:`lblctl.core.journal`): a new file is written under a temp name
+and renamed into place. Updates are kept in memory until :meth:`Queues.flush`, which first appends
+the changed rows' *final* values as one checksummed record to the journal ``queues.h5.journal``
+(fsynced), then writes them into the file in place, fsyncs it and empties the journal (by
+truncation; the file goes when the queues are closed). Opening a file with a whole journal record
+left by a crash replays it (replay is idempotent: it holds absolute values); a record cut short is
+ignored (the file was not touched yet), so the file always reflects either the last flush or the
+one before it, never a half-written mix. h5py is reached only through :mod:`lblctl.core.hdf5`.
 """
 
 from __future__ import annotations
@@ -23,40 +25,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from lblctl.core.artifacts import _fsync_dir, atomic_open
+from lblctl.core import hdf5
 from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.journal import RecordLog, fsync_dir, read_log
 
 QUEUES = "queues.h5"
 FORMAT = "lblctl-queues-1"
+JOURNAL_KIND = b"queues"
+_FLUSH = 1  # journal record: count, dq, then rows i8 and dominant queues i4
+_FLUSH_HEAD = struct.Struct("<qq")
+_read_rows = hdf5.read_rows
 
 
 def journal_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    return path.with_name(path.name + ".journal.npz")
+    return path.with_name(path.name + ".journal")
 
 
-def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``ds[rows]`` for any order and repeats (h5py wants sorted unique indices)."""
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size == 0:
-        return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    if uniq[0] < 0 or uniq[-1] >= ds.shape[0]:
-        raise IndexError(f"row out of range 0..{ds.shape[0] - 1}")
-    span = int(uniq[-1] - uniq[0] + 1)
-    if span <= 4 * len(uniq) + 256:  # dense enough: one contiguous read
-        block = ds[int(uniq[0]) : int(uniq[-1]) + 1]
-        data = block[uniq - uniq[0]]
-    else:
-        data = ds[uniq]
-    return data[inverse]
+def _journal_rows(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows and values of the last whole flush record in the journal, if any."""
+    records = read_log(journal_path(path), JOURNAL_KIND)
+    if not records:
+        return None
+    rtype, payload = records[-1]
+    count, dq = _FLUSH_HEAD.unpack_from(payload, 0) if len(payload) >= _FLUSH_HEAD.size else (-1, -1)
+    if rtype != _FLUSH or count < 0 or len(payload) != _FLUSH_HEAD.size + count * (8 + 4 * dq):
+        raise IncompatibleArtifact(f"{journal_path(path)}: damaged queue journal; delete it to keep the "
+                                   "queues as last flushed")
+    rows = np.frombuffer(payload, dtype="<i8", count=count, offset=_FLUSH_HEAD.size)
+    values = np.frombuffer(payload, dtype="<i4", count=count * dq, offset=_FLUSH_HEAD.size + 8 * count)
+    return rows, values.reshape(count, dq)
 
 
 class QueueWriter:
@@ -70,7 +75,7 @@ class QueueWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.num_rows, self.cq, self.dq = int(num_rows), int(cq), int(dq)
-        self.h5 = h5py.File(self.tmp, "w", libver="earliest")
+        self.h5 = hdf5.open_file(self.tmp, "w", libver="earliest")
         self.h5.attrs.update({"format": FORMAT, "num_rows": self.num_rows, "candidates": self.cq,
                               "dominant": self.dq})
         for key, value in (attrs or {}).items():
@@ -103,7 +108,7 @@ class QueueWriter:
             os.fsync(fh.fileno())
         journal_path(self.path).unlink(missing_ok=True)  # a journal of an older file must not replay
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -123,7 +128,7 @@ class QueueWriter:
 class Queues:
     """An open queue file: read rows' queues, promote hard negatives, flush crash-safely."""
 
-    def __init__(self, path: Path, h5: h5py.File, mode: str) -> None:
+    def __init__(self, path: Path, h5: hdf5.File, mode: str) -> None:
         self.path = path
         self.h5 = h5
         self.mode = mode
@@ -135,6 +140,7 @@ class Queues:
         self.dq = int(self._dom.shape[1])
         self._dirty: dict[int, np.ndarray] = {}
         self.promotions = 0
+        self._journal: RecordLog | None = None
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -156,11 +162,7 @@ class Queues:
             raise LblError(f"{path}: no queue file; run `lblctl build-index --store {path.parent}` first")
         if journal_path(path).is_file():
             _replay_journal(path)
-        try:
-            h5 = h5py.File(path, mode)
-        except OSError as exc:
-            raise IncompatibleArtifact(f"{path}: not a readable HDF5 queue file ({exc}); "
-                                       "re-run build-index") from None
+        h5 = hdf5.open_file(path, mode, what="HDF5 queue file", hint="; re-run build-index")
         if h5.attrs.get("format") != FORMAT or not {"candidates", "candidate_scores", "dominant"} <= set(h5):
             h5.close()
             raise IncompatibleArtifact(f"{path}: not an lblctl queue file; re-run build-index")
@@ -287,15 +289,16 @@ class Queues:
         if not self._dirty:
             return 0
         rows = np.fromiter(sorted(self._dirty), dtype=np.int64, count=len(self._dirty))
-        values = np.stack([self._dirty[int(r)] for r in rows]).astype(np.int32)
-        jpath = journal_path(self.path)
-        with atomic_open(jpath, "wb") as fh:
-            np.savez(fh, rows=rows, dominant=values)
+        values = np.stack([self._dirty[int(r)] for r in rows]).astype("<i4")
+        if self._journal is None:
+            self._journal = RecordLog(journal_path(self.path), JOURNAL_KIND, durable=True, keep_records=False)
+        self._journal.reset(sync=False)
+        self._journal.append(_FLUSH, _FLUSH_HEAD.pack(len(rows), self.dq), rows.astype("<i8"), values)  # fsynced
         _write_rows(self._dom, rows, values)
         self.h5.flush()
         with open(self.path, "rb") as fh:
             os.fsync(fh.fileno())
-        jpath.unlink(missing_ok=True)
+        self._journal.reset(sync=False)  # a stale record would only rewrite the same values
         self._dirty.clear()
         return len(rows)
 
@@ -304,6 +307,10 @@ class Queues:
             if self.mode == "r+":
                 self.flush()
             self.h5.close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+            journal_path(self.path).unlink(missing_ok=True)
 
     def __enter__(self) -> Queues:
         return self
@@ -312,24 +319,18 @@ class Queues:
         self.close()
 
 
-def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
-    """Write sorted unique rows in runs of consecutive rows (few, large HDF5 writes)."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for run_rows, run_vals in zip(np.split(rows, breaks), np.split(values, breaks), strict=True):
-        ds[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_vals
+def _write_rows(ds: hdf5.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    hdf5.write_runs(ds, rows, values)
 
 
 def _replay_journal(path: Path) -> None:
-    jpath = journal_path(path)
-    try:
-        with np.load(jpath) as z:
-            rows, values = z["rows"], z["dominant"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise IncompatibleArtifact(f"{jpath}: unreadable queue journal ({exc}); delete it to keep the "
-                                   "queues as last flushed") from None
-    with h5py.File(path, "r+") as h5:
-        _write_rows(h5["dominant"], rows, values)
-        h5.flush()
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-    jpath.unlink()
+    """Finish the flush a crash interrupted (its record is whole), then drop the journal."""
+    found = _journal_rows(path)
+    if found is not None:
+        rows, values = found
+        with hdf5.open_file(path, "r+", what="HDF5 queue file") as h5:
+            _write_rows(h5["dominant"], rows, values)
+            h5.flush()
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        journal_path(path).unlink()  # an empty journal (a writer's, between flushes) is left alone

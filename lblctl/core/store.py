@@ -17,12 +17,17 @@ go through h5py. A writer pre-faults the mapping (``MADV_POPULATE_READ``) when t
 memory, so that random rows then cost no page faults; the rows stay file-backed pages (they are
 not anonymous memory, and the kernel may drop them under pressure).
 
-Crash safety (kill -9 at any moment): ``scatter`` only stages rows in memory; ``commit(step)``
-writes the staged rows to a write-ahead log ``prototypes.wal`` (temp file + rename, so the name
-only ever holds a whole log), then applies them to the file, records the step and removes the log.
-``open`` replays a log it finds (the commit happened) and drops a half-written temp log (it did
-not), so every row is from the last completed commit; ``recovery`` says what was done. With
-``durable=True`` each commit also fsyncs, which extends the guarantee to power loss.
+Crash safety (kill -9 at any moment), through the one layer of :mod:`lblctl.core.journal`:
+``scatter`` only stages rows in memory; ``commit(step)`` appends them as one checksummed record to
+the write-ahead log ``prototypes.wal`` (the commit point) and keeps them in a bounded **write-back
+cache** in memory; the data file is not touched. The cache is written to the file in row order,
+and the log truncated, when the cache (or the log) is full, at :meth:`flush` (train-dp calls it at
+every checkpoint) and at :meth:`close`. So a step creates no file, removes none and dirties no
+random page of a multi-GB file: its traffic is one sequential append, whatever N. ``open`` replays
+the log's whole records (a record cut short by the kill is ignored: its commit did not happen), so
+every row is from the last completed commit; ``recovery`` says what was done. A reader opening a
+store whose writer died sees the same state without changing the file. With ``durable=True``
+every commit and flush also fsyncs, which extends the guarantee to power loss.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import fcntl
 import mmap
 import os
 import struct
-import zlib
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,14 +46,19 @@ import numpy as np
 
 from lblctl.core.artifacts import MANIFEST, check_compatible, read_manifest, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.hdf5 import contiguous_dcpl
+from lblctl.core.journal import RecordLog, fsync_dir, read_log
+from lblctl.core.runtime import available_memory
 from lblctl.core.strings import StringArray, StringArrayBuilder
 
 FORMAT = "lblctl-store/1"
 FILENAME = "prototypes.h5"
 WAL_NAME = "prototypes.wal"
 LOCK_NAME = ".store.lock"
-_WAL_MAGIC = b"LBLWAL01"
-_WAL_HEADER = struct.Struct("<8sqqqqqI")  # magic, step, count, dim, itemsize, has_momentum, payload crc
+WAL_KIND = b"storewal"
+_COMMIT = 1  # record type: one commit
+_COMMIT_HEAD = struct.Struct("<qqq")  # step, row count, has_momentum; then rows i8, vectors, momentum
+DEFAULT_WRITE_CACHE_ROWS = 65536
 _NAME_CHUNK = 100_000
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
@@ -72,20 +82,57 @@ def _duplicates(names: StringArray) -> list[str]:
     return names.duplicates() if len(names) > 1 else []
 
 
-def _contiguous_dcpl() -> h5py.h5p.PropDCID:
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # storage exists now, so it has a file offset
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # no 10 GB of zeros written at creation
-    return dcpl
+class _WriteBack:
+    """Committed rows not yet in the data file: at most ``capacity`` rows, kept in the store's dtype
+    (so a gather returns the very bits the file will hold) with the step that wrote each."""
 
+    def __init__(self, capacity: int, dim: int, dtype: np.dtype, momentum: bool) -> None:
+        self.capacity = int(capacity)
+        self.keys = np.zeros(0, dtype=np.int64)  # rows, sorted
+        self.slots = np.zeros(0, dtype=np.int64)  # slot of each key
+        self.vec = np.empty((self.capacity, dim), dtype=dtype)  # pages are touched (and count) only when used
+        self.mom = np.empty((self.capacity, dim), dtype=dtype) if momentum else None
+        self.step = np.empty(self.capacity, dtype=np.int64)
+        self.puts = self.hits = 0
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(hit mask, slot of each hit)`` for ``rows``."""
+        if not len(self.keys):
+            return np.zeros(len(rows), dtype=bool), np.zeros(0, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, rows), len(self.keys) - 1)
+        hit = self.keys[pos] == rows
+        return hit, self.slots[pos[hit]]
+
+    def fits(self, rows: np.ndarray) -> bool:
+        hit, _ = self.find(rows)
+        return len(self.keys) + int((~hit).sum()) <= self.capacity
+
+    def put(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, step: int) -> None:
+        """Store sorted unique ``rows`` (the caller checked :meth:`fits`)."""
+        pos = np.searchsorted(self.keys, rows)
+        hit = np.zeros(len(rows), dtype=bool)
+        inside = pos < len(self.keys)
+        hit[inside] = self.keys[pos[inside]] == rows[inside]
+        slots = np.empty(len(rows), dtype=np.int64)
+        slots[hit] = self.slots[pos[hit]]
+        fresh = ~hit
+        slots[fresh] = np.arange(len(self.keys), len(self.keys) + int(fresh.sum()))
+        if fresh.any():
+            self.keys = np.insert(self.keys, pos[fresh], rows[fresh])
+            self.slots = np.insert(self.slots, pos[fresh], slots[fresh])
+        self.vec[slots] = vec
+        if self.mom is not None and mom is not None:
+            self.mom[slots] = mom
+        self.step[slots] = step
+        self.puts += len(rows)
+        self.hits += int(hit.sum())
+
+    def clear(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.slots = np.zeros(0, dtype=np.int64)
 
 
 class _Segment:
@@ -135,6 +182,13 @@ class PrototypeStore:
         self._filled: np.ndarray | None = None  # rows written so far, for a store being created
         self._manifest_meta: dict[str, Any] = {}
         self._closed = False
+        self._wal: RecordLog | None = None
+        self._populated = False
+        self._advise_fd: int | None = None
+        self._wb: _WriteBack | None = None
+        self._wal_limit = 0
+        self.stats: dict[str, float] = {"commits": 0, "commit_s": 0.0, "wal_bytes": 0, "flushes": 0,
+                                        "flush_s": 0.0, "flushed_rows": 0}
 
     # ------------------------------------------------------------------ create / open
 
@@ -168,7 +222,7 @@ class PrototypeStore:
         if path.exists() and not overwrite:
             raise LblError(f"{path}: already exists; choose a new folder or remove it")
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in (folder / MANIFEST, folder / WAL_NAME, folder / (WAL_NAME + ".tmp")):
+        for stale in (folder / MANIFEST, folder / WAL_NAME):
             stale.unlink(missing_ok=True)
         tmp = folder / (FILENAME + ".creating")
         tmp.unlink(missing_ok=True)
@@ -179,7 +233,7 @@ class PrototypeStore:
             f.attrs["backbone_fingerprint"] = backbone_fingerprint or ""
             f.attrs["dtype"] = dtype
             f.attrs["has_momentum"] = bool(momentum)
-            f.create_dataset("committed_step", shape=(1,), dtype="<i8", dcpl=_contiguous_dcpl())[0] = -1
+            f.create_dataset("committed_step", shape=(1,), dtype="<i8", dcpl=contiguous_dcpl())[0] = -1
             sdt = h5py.string_dtype("utf-8")
             f.create_dataset("identities", shape=(0,), maxshape=(None,), dtype=sdt, chunks=(8192,))
             f.create_dataset("id_photos", shape=(0,), maxshape=(None,), dtype=sdt, chunks=(8192,))
@@ -199,7 +253,8 @@ class PrototypeStore:
     @classmethod
     def open(cls, folder: str | os.PathLike, mode: str = "r", expect_embedding_size: int | None = None,
              expect_backbone_fingerprint: str | None = None, cache: str = "auto", durable: bool = False,
-             ram_limit_bytes: int | None = None, populate: bool | None = None) -> PrototypeStore:
+             ram_limit_bytes: int | None = None, populate: bool | None = None,
+             write_cache_rows: int | None = None) -> PrototypeStore:
         """Open a store; refuse (``IncompatibleArtifact``) one of another embedding size or backbone.
 
         ``cache``: ``ram`` reads the rows into memory, ``mmap`` maps the file, ``auto`` uses RAM
@@ -208,6 +263,9 @@ class PrototypeStore:
         (it reads the file into the page cache once); default: for writers, when the rows take at most
         80 % of the available memory (MemAvailable, which counts the page cache).
         ``durable`` fsyncs every commit (power-loss safe, ~10–100 ms a commit).
+        ``write_cache_rows`` (writers): committed rows kept in memory before they are written to the
+        file in row order (default 65,536, fewer when memory is short); its memory is
+        ``rows × D × itemsize × (2 with momentum)``.
         """
         if mode not in ("r", "r+"):
             raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
@@ -217,7 +275,7 @@ class PrototypeStore:
         if folder.name == FILENAME:
             folder = folder.parent
         store = cls._open(folder, mode, cache=cache, durable=durable, need_manifest=True,
-                          ram_limit_bytes=ram_limit_bytes, populate=populate)
+                          ram_limit_bytes=ram_limit_bytes, populate=populate, write_cache_rows=write_cache_rows)
         try:
             check_compatible(str(folder), {"embedding_size": store.embedding_size,
                                            "backbone_fingerprint": store.backbone_fingerprint},
@@ -229,7 +287,8 @@ class PrototypeStore:
 
     @classmethod
     def _open(cls, folder: Path, mode: str, *, cache: str, durable: bool, need_manifest: bool,
-              ram_limit_bytes: int | None = None, populate: bool | None = None) -> PrototypeStore:
+              ram_limit_bytes: int | None = None, populate: bool | None = None,
+              write_cache_rows: int | None = None) -> PrototypeStore:
         path = folder / FILENAME
         if not path.is_file():
             raise LblError(f"{folder}: no {FILENAME}; make a store with `lblctl imprint`")
@@ -255,6 +314,7 @@ class PrototypeStore:
         try:
             self._read_layout()
             self._map()
+            self._make_write_cache(write_cache_rows)
             self._recover()
             self._choose_cache(cache, ram_limit_bytes)
             self._populate(populate)
@@ -331,7 +391,7 @@ class PrototypeStore:
     def _choose_cache(self, cache: str, ram_limit_bytes: int | None) -> None:
         nbytes = self._num_rows * self._dim * self._dtype.itemsize * (2 if self._has_mom else 1)
         if cache == "auto":
-            limit = ram_limit_bytes if ram_limit_bytes is not None else min(1 << 30, _available_memory() // 4)
+            limit = ram_limit_bytes if ram_limit_bytes is not None else min(1 << 30, available_memory() // 4)
             cache = "ram" if nbytes <= limit else "mmap"
         self.cache = cache
         if cache == "ram":
@@ -346,7 +406,7 @@ class PrototypeStore:
         maps = [mm for s in self._segments for mm in (s.vec, s.step, s.mom) if isinstance(mm, np.memmap)]
         if populate is None:
             nbytes = sum(mm.nbytes for mm in maps)
-            populate = self.mode == "r+" and nbytes <= 0.8 * _available_memory()
+            populate = self.mode == "r+" and nbytes <= 0.8 * available_memory()
         if not populate:
             return
         for mm in maps:
@@ -355,6 +415,24 @@ class PrototypeStore:
                 raw.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))  # Linux ≥ 5.14; elsewhere a no-op
             except (AttributeError, OSError, ValueError):
                 return
+        self._populated = True
+
+    def _advise(self, rows: np.ndarray, which: str) -> None:
+        """Ask the kernel to read the rows' pages now, all at once (a cold page cache then costs
+        about one disk latency per gather instead of one per row, paid in turn by the page faults)."""
+        if self._advise_fd is None:
+            try:
+                self._advise_fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                self._advise_fd = -1
+        if self._advise_fd < 0 or not hasattr(os, "posix_fadvise"):
+            return
+        row_bytes = self._dim * self._dtype.itemsize
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        base = np.asarray([s.vec_offset if which == "vec" else (s.mom_offset or 0) for s in self._segments])
+        starts = np.unique(base[seg] + (rows - self._starts[seg]) * row_bytes)
+        for off in starts.tolist():
+            os.posix_fadvise(self._advise_fd, off, row_bytes, os.POSIX_FADV_WILLNEED)
 
     def _concat(self, attr: str) -> np.ndarray:
         out = np.empty((self._num_rows, self._dim), dtype=self._dtype)
@@ -428,18 +506,26 @@ class PrototypeStore:
         return rows
 
     def _base(self, rows: np.ndarray, which: str) -> np.ndarray:
-        """Committed values of ``rows`` as float32 (RAM copy or mapped segments)."""
+        """Committed values of ``rows`` as float32: the write-back cache over the RAM copy or the file."""
         ram = self._ram_vec if which == "vec" else self._ram_mom
+        if ram is None and not self._populated and len(rows) >= 64:
+            self._advise(rows, which)
         if ram is not None:
-            return ram[rows].astype(np.float32, copy=False)
-        if len(self._segments) == 1:
-            return getattr(self._segments[0], which)[rows].astype(np.float32, copy=False)
-        out = np.empty((len(rows), self._dim), dtype=np.float32)
-        seg = np.searchsorted(self._starts, rows, side="right") - 1
-        for k in np.unique(seg):
-            m = seg == k
-            s = self._segments[int(k)]
-            out[m] = getattr(s, which)[rows[m] - s.start]
+            out = ram[rows].astype(np.float32)
+        elif len(self._segments) == 1:
+            out = getattr(self._segments[0], which)[rows].astype(np.float32)
+        else:
+            out = np.empty((len(rows), self._dim), dtype=np.float32)
+            seg = np.searchsorted(self._starts, rows, side="right") - 1
+            for k in np.unique(seg):
+                m = seg == k
+                s = self._segments[int(k)]
+                out[m] = getattr(s, which)[rows[m] - s.start]
+        wb = self._wb
+        if wb is not None and len(wb):
+            hit, slots = wb.find(rows)
+            if len(slots):
+                out[hit] = (wb.vec if which == "vec" else wb.mom)[slots]
         return out
 
     def _overlay(self, rows: np.ndarray, out: np.ndarray, pending: np.ndarray | None) -> np.ndarray:
@@ -454,14 +540,14 @@ class PrototypeStore:
         """Rows as a K×D float32 array (staged, uncommitted rows included)."""
         self._check_open()
         rows = self._check_rows(rows)
-        return self._overlay(rows, np.array(self._base(rows, "vec"), dtype=np.float32), self._p_vec)
+        return self._overlay(rows, self._base(rows, "vec"), self._p_vec)
 
     def gather_momentum(self, rows: np.ndarray) -> np.ndarray:
         self._check_open()
         if not self._has_mom:
             raise LblError(f"{self.folder}: this store keeps no momentum (create it with momentum=True)")
         rows = self._check_rows(rows)
-        return self._overlay(rows, np.array(self._base(rows, "mom"), dtype=np.float32), self._p_mom)
+        return self._overlay(rows, self._base(rows, "mom"), self._p_mom)
 
     def row_steps(self, rows: np.ndarray) -> np.ndarray:
         """Commit step that last wrote each row (−1: as created)."""
@@ -472,6 +558,9 @@ class PrototypeStore:
             m = seg == k
             s = self._segments[int(k)]
             out[m] = s.step[rows[m] - s.start]
+        if self._wb is not None and len(self._wb):
+            hit, slots = self._wb.find(rows)
+            out[hit] = self._wb.step[slots]
         return out
 
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -479,7 +568,7 @@ class PrototypeStore:
         self._check_open()
         for start in range(0, self._num_rows, max(1, int(chunk_rows))):
             rows = np.arange(start, min(self._num_rows, start + chunk_rows), dtype=np.int64)
-            yield start, self._overlay(rows, np.array(self._base(rows, "vec"), dtype=np.float32), self._p_vec)
+            yield start, self._overlay(rows, self._base(rows, "vec"), self._p_vec)
 
     # ------------------------------------------------------------------ writing
 
@@ -563,123 +652,167 @@ class PrototypeStore:
         self._p_mom = None
 
     def commit(self, step: int) -> None:
-        """Make the staged rows durable as ``step``: write-ahead log, apply, drop the log."""
+        """Make the staged rows the committed state of ``step``: one record appended to the
+        write-ahead log (the commit point), the rows kept in the write-back cache."""
         self._check_writable()
         step = int(step)
         if step < 0:
             raise ValueError(f"commit step {step}: must be ≥ 0")
+        t0 = time.perf_counter()
         rows = self._p_rows
-        vec = self._p_vec.astype(self._dtype, copy=False) if len(rows) else np.zeros((0, self._dim), self._dtype)
-        mom = self._p_mom.astype(self._dtype, copy=False) if (self._has_mom and len(rows)) else None
-        if self._has_mom and mom is None:
-            mom = np.zeros((0, self._dim), self._dtype)
-        self._write_wal(step, rows, vec, mom)
-        self._apply(step, rows, vec, mom)
-        self._drop_wal()
+        vec = self._p_vec.astype(self._dtype) if len(rows) else np.zeros((0, self._dim), self._dtype)
+        mom = None
+        if self._has_mom:
+            mom = self._p_mom.astype(self._dtype) if len(rows) else np.zeros((0, self._dim), self._dtype)
+        self._commit_rows(step, rows, vec, mom, log=True)
         self.discard()
+        self.stats["commits"] += 1
+        self.stats["commit_s"] += time.perf_counter() - t0
 
-    def _write_wal(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
-        payload = [memoryview(np.ascontiguousarray(rows, dtype="<i8")).cast("B"),
-                   memoryview(np.ascontiguousarray(vec)).cast("B")]
-        if mom is not None:
-            payload.append(memoryview(np.ascontiguousarray(mom)).cast("B"))
-        crc = 0
-        for p in payload:
-            crc = zlib.crc32(p, crc)
-        header = _WAL_HEADER.pack(_WAL_MAGIC, step, len(rows), self._dim, self._dtype.itemsize,
-                                  int(mom is not None), crc)
-        tmp = self.folder / (WAL_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as fh:
-                fh.write(header)
-                for p in payload:
-                    fh.write(p)
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.folder / WAL_NAME)  # the commit point
-        if self.durable:
-            _fsync_dir(self.folder)
-
-    def _apply(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
-        if len(rows):
-            seg = np.searchsorted(self._starts, rows, side="right") - 1
-            for k in np.unique(seg):
-                m = seg == k
-                s = self._segments[int(k)]
-                r = rows[m] - s.start
-                s.vec[r] = vec[m]
-                s.step[r] = step
-                if mom is not None and s.mom is not None:
-                    s.mom[r] = mom[m]
-            if self._ram_vec is not None:
-                self._ram_vec[rows] = vec
-            if self._ram_mom is not None and mom is not None:
-                self._ram_mom[rows] = mom
-        assert self._commit_mm is not None
-        self._commit_mm[0] = step
+    def _commit_rows(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None,
+                     log: bool) -> None:
+        """Log (when ``log``) and cache one commit of sorted unique rows; flush first when it would not fit."""
+        wb, wal = self._wb, self._wal
+        assert wb is not None and wal is not None
+        record = _COMMIT_HEAD.size + len(rows) * (8 + vec.shape[1] * self._dtype.itemsize * (1 + (mom is not None)))
+        if len(rows) > wb.capacity:  # bigger than the whole cache: log it, then write it through
+            self._flush_cache()
+            if log:
+                self._append_commit(step, rows, vec, mom)
+            self._write_rows(rows, vec, mom, np.full(len(rows), step, dtype=np.int64))
+            self._committed = step
+            self._flush_cache(force=True)
+            return
+        if not wb.fits(rows) or (log and wal.size + record > self._wal_limit):
+            self._flush_cache()
+        if log:
+            self._append_commit(step, rows, vec, mom)
+        wb.put(rows, vec, mom, step)
         self._committed = step
-        if self.durable and self._data_fd is not None:
-            os.fsync(self._data_fd)  # shared-mapping pages live in the page cache: fsync writes them
 
-    def _drop_wal(self) -> None:
-        (self.folder / WAL_NAME).unlink(missing_ok=True)
-        if self.durable:
-            _fsync_dir(self.folder)
+    def _append_commit(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
+        assert self._wal is not None
+        parts = [_COMMIT_HEAD.pack(step, len(rows), int(mom is not None)),
+                 np.ascontiguousarray(rows, dtype="<i8"), np.ascontiguousarray(vec)]
+        if mom is not None:
+            parts.append(np.ascontiguousarray(mom))
+        before = self._wal.size
+        self._wal.append(_COMMIT, *parts)
+        self.stats["wal_bytes"] += self._wal.size - before
 
-    def _read_wal(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None:
-        try:
-            data = (self.folder / WAL_NAME).read_bytes()
-        except FileNotFoundError:
+    def _parse_commit(self, payload: memoryview) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """A commit record's ``(step, rows, vectors, momentum)``; ``None`` when it does not fit this store."""
+        if len(payload) < _COMMIT_HEAD.size:
             return None
-        if len(data) < _WAL_HEADER.size:
+        step, count, has_mom = _COMMIT_HEAD.unpack_from(payload, 0)
+        row_bytes = self._dim * self._dtype.itemsize
+        if count < 0 or bool(has_mom) != self._has_mom or \
+                len(payload) != _COMMIT_HEAD.size + count * (8 + row_bytes * (1 + bool(has_mom))):
             return None
-        magic, step, count, dim, itemsize, has_mom, crc = _WAL_HEADER.unpack_from(data)
-        row_bytes = dim * itemsize
-        want = _WAL_HEADER.size + 8 * count + row_bytes * count * (2 if has_mom else 1)
-        if (magic != _WAL_MAGIC or dim != self._dim or itemsize != self._dtype.itemsize or len(data) != want
-                or zlib.crc32(data[_WAL_HEADER.size:]) != crc or bool(has_mom) != self._has_mom):
-            return None
-        o = _WAL_HEADER.size
-        rows = np.frombuffer(data, dtype="<i8", count=count, offset=o)
+        o = _COMMIT_HEAD.size
+        rows = np.frombuffer(payload, dtype="<i8", count=count, offset=o)
         o += 8 * count
-        vec = np.frombuffer(data, dtype=self._dtype, count=count * dim, offset=o).reshape(count, dim)
+        vec = np.frombuffer(payload, dtype=self._dtype, count=count * self._dim, offset=o).reshape(count, self._dim)
         o += row_bytes * count
         mom = None
         if has_mom:
-            mom = np.frombuffer(data, dtype=self._dtype, count=count * dim, offset=o).reshape(count, dim)
+            mom = np.frombuffer(payload, dtype=self._dtype, count=count * self._dim, offset=o).reshape(count,
+                                                                                                    self._dim)
         if count and (rows.min() < 0 or rows.max() >= self._num_rows):
             return None
         return int(step), rows, vec, mom
 
+    def _write_rows(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, steps: np.ndarray) -> None:
+        """Write rows (sorted) into the data file (and the RAM copy)."""
+        if not len(rows):
+            return
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(seg):
+            m = seg == k
+            s = self._segments[int(k)]
+            r = rows[m] - s.start
+            s.vec[r] = vec[m]
+            s.step[r] = steps[m]
+            if mom is not None and s.mom is not None:
+                s.mom[r] = mom[m]
+        if self._ram_vec is not None:
+            self._ram_vec[rows] = vec
+        if self._ram_mom is not None and mom is not None:
+            self._ram_mom[rows] = mom
+
+    def _flush_cache(self, force: bool = False) -> None:
+        """Write the cached rows to the file in row order, record the step, empty the log."""
+        wb, wal = self._wb, self._wal
+        if wb is None or wal is None or (not len(wb) and wal.empty and not force):
+            return
+        t0 = time.perf_counter()
+        if len(wb):
+            slots = wb.slots
+            self._write_rows(wb.keys, wb.vec[slots], wb.mom[slots] if wb.mom is not None else None,
+                             wb.step[slots])
+        assert self._commit_mm is not None
+        self._commit_mm[0] = self._committed
+        if self.durable and self._data_fd is not None:
+            os.fsync(self._data_fd)  # shared-mapping pages live in the page cache: fsync writes them
+        wal.reset(sync=self.durable)  # only now may the log forget: the file holds every commit
+        self.stats["flushes"] += 1
+        self.stats["flushed_rows"] += len(wb)
+        self.stats["flush_s"] += time.perf_counter() - t0
+        wb.clear()
+
+    def _make_write_cache(self, rows: int | None) -> None:
+        if self.mode != "r+":
+            return
+        row_bytes = self._dim * self._dtype.itemsize * (2 if self._has_mom else 1)
+        if rows is None:
+            rows = min(DEFAULT_WRITE_CACHE_ROWS, max(1024, available_memory() // 8 // max(1, row_bytes)))
+        if rows < 1:
+            raise LblError(f"write cache of {rows} rows: need at least 1")
+        self._wb = _WriteBack(rows, self._dim, self._dtype, self._has_mom)
+        self._wal_limit = max(64 << 20, 2 * rows * (row_bytes + 8))
+
+    @property
+    def write_cache_rows(self) -> int:
+        """Capacity of the write-back cache (0 for a reader)."""
+        return self._wb.capacity if self._wb is not None else 0
+
+    @property
+    def cached_rows(self) -> int:
+        """Committed rows waiting in memory for the next flush."""
+        return len(self._wb) if self._wb is not None else 0
+
     def _recover(self) -> None:
-        """Finish a commit whose log is whole; forget one whose log was still being written."""
-        tmp = self.folder / (WAL_NAME + ".tmp")
+        """Replay the log's whole commits; a record cut short (its commit never happened) is dropped."""
         notes = []
-        if tmp.exists():
-            notes.append(f"discarded an unfinished commit after step {self._committed}")
-            if self.mode == "r+":
-                tmp.unlink(missing_ok=True)
-        if (self.folder / WAL_NAME).exists():
-            wal = self._read_wal()
-            if wal is None:
-                notes.append("discarded a damaged write-ahead log")
-                if self.mode == "r+":
-                    self._drop_wal()
-            else:
-                step, rows, vec, mom = wal
-                if self.mode == "r+":
-                    self._apply(step, rows, vec, mom)
-                    self._drop_wal()
-                    notes.append(f"completed the commit of step {step} from the write-ahead log")
-                else:  # a reader sees the committed state without touching the file
-                    self._p_rows = rows.copy()
-                    self._p_vec = vec.astype(np.float32)
-                    self._p_mom = mom.astype(np.float32) if mom is not None else None
-                    self._committed = step
-                    notes.append(f"read the commit of step {step} from the write-ahead log")
+        before = self._committed
+        if self.mode == "r+":
+            self._wal = RecordLog(self.folder / WAL_NAME, WAL_KIND, durable=self.durable)
+            records, torn = self._wal.records, self._wal.torn_bytes
+            self._wal.records = []
+        else:
+            records, torn = read_log(self.folder / WAL_NAME, WAL_KIND), 0
+        commits = []
+        for rtype, payload in records:
+            c = self._parse_commit(payload) if rtype == _COMMIT else None
+            if c is None:
+                notes.append("discarded a damaged write-ahead log record")
+                break
+            commits.append(c)
+        if torn:
+            notes.append(f"discarded an unfinished commit after step {commits[-1][0] if commits else before}")
+        if self.mode == "r+":
+            for step, rows, vec, mom in commits:
+                self._commit_rows(step, rows, vec, mom, log=False)
+            self._flush_cache(force=bool(records) or bool(torn))
+            if commits:
+                notes.append(f"completed the commit of step {commits[-1][0]} from the write-ahead log")
+        elif commits:  # a reader sees the committed state without touching the file
+            total = sum(len(c[1]) for c in commits)
+            self._wb = _WriteBack(total, self._dim, self._dtype, self._has_mom)
+            for step, rows, vec, mom in commits:
+                self._wb.put(rows, vec, mom, step)
+                self._committed = step
+            notes.append(f"read the commit of step {self._committed} from the write-ahead log")
         self.recovery = "; ".join(notes) if notes else "clean"
 
     def fill(self, start: int, vectors: np.ndarray) -> None:
@@ -691,7 +824,7 @@ class PrototypeStore:
         stop = start + len(vecs)
         if start < 0 or stop > self._num_rows:
             raise IndexError(f"fill rows {start}..{stop} outside 0..{self._num_rows}")
-        (self.folder / WAL_NAME).unlink(missing_ok=True)
+        self._flush_cache()
         for s in self._segments:
             a, b = max(start, s.start), min(stop, s.stop)
             if a < b:
@@ -728,6 +861,7 @@ class PrototypeStore:
             raise LblError(f"append: identity '{first}' is already in the store")
         if len(names) == 0:
             return np.zeros(0, dtype=np.int64)
+        self._flush_cache()
         start = self._num_rows
         self._unmap()
         with h5py.File(self.path, "r+") as f:
@@ -754,13 +888,18 @@ class PrototypeStore:
         return np.arange(start, self._num_rows, dtype=np.int64)
 
     def flush(self) -> None:
-        """Push mapped writes to the page cache owner (and to disk when durable)."""
+        """Write the write-back cache to the file in row order, empty the log and fsync the file:
+        afterwards the file alone holds every commit (train-dp calls this at each checkpoint)."""
+        if self.mode == "r+":
+            self._flush_cache()
         for s in self._segments:
             for mm in (s.vec, s.step, s.mom):
                 if isinstance(mm, np.memmap) and self.mode == "r+":
                     mm.flush()
         if self._data_fd is not None:
             os.fsync(self._data_fd)
+        if self._wal is not None and self.durable:
+            fsync_dir(self.folder)
 
     def set_backbone_fingerprint(self, fingerprint: str) -> None:
         """Tie the store to another backbone: train-dp fine-tunes the prototypes and the backbone
@@ -812,6 +951,13 @@ class PrototypeStore:
                                    f"{int(missing[0])}); the store is left incomplete")
                 self._write_manifest()
         finally:
+            if self._wal is not None:
+                self._wal.close()
+                self._wal = None
+            self._wb = None
+            if self._advise_fd is not None and self._advise_fd >= 0:
+                os.close(self._advise_fd)
+            self._advise_fd = None
             for fd in (self._data_fd, self._lock_fd):
                 if fd is not None:
                     os.close(fd)
@@ -847,7 +993,7 @@ def _add_segment(f: h5py.File, n: int, dim: int, dtype: np.dtype, momentum: bool
     if momentum:
         names.append(("momentum", (n, dim), dtype))
     for name, shape, dt in names:
-        g.create_dataset(name, shape=shape, dtype=dt, dcpl=_contiguous_dcpl())
+        g.create_dataset(name, shape=shape, dtype=dt, dcpl=contiguous_dcpl())
     total = start + n
     for name, shape, dt in names:
         full = (total, *shape[1:])
@@ -872,13 +1018,3 @@ def _append_strings(ds: h5py.Dataset, items: StringArray | None, count: int | No
         chunk = [items[i] for i in range(a, b)] if items is not None else [""] * (b - a)
         ds[base + a:base + b] = np.array(chunk, dtype=object)
 
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30

@@ -11,8 +11,10 @@ the embeddings drift. This module turns a raw face set into that form:
 - ``ALIGNED/faces.csv`` (identity,image,kind) so CSV-given ID/spot kinds survive;
 - ``ALIGNED/manifest.json`` (kind ``aligned``).
 
-Rows are journaled (``.align_journal.csv``, append-only) as they finish, so a killed run loses
-nothing; the report is rebuilt atomically from report + journal at the end. Per-row resume state
+Rows are journaled as they finish (``.align_journal``: one checksummed record per report line, in
+the record log of :mod:`lblctl.core.journal`), so a killed run loses nothing and a line cut short
+by the kill is ignored; crops are written atomically (temp + fsync + rename); the report is rebuilt
+atomically from report + journal at the end. Per-row resume state
 is kept in numpy arrays (≈ 40 bytes per photo), not Python objects, so millions of photos fit.
 """
 
@@ -40,6 +42,7 @@ import numpy as np
 from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open, atomic_write_json, fingerprint_file, write_manifest
 from lblctl.core.errors import LblError
+from lblctl.core.journal import RecordLog, atomic_write_bytes, scan
 from lblctl.core.runtime import default_workers
 from lblctl.core.strings import StringArrayBuilder
 from lblctl.core.summary import Summary
@@ -47,7 +50,9 @@ from lblctl.data.faces import FaceIndex, ImageProblem, load_image, open_face_set
 from lblctl.models.detectors import Face, make_detector, onnx_cuda_available, usable_cores
 
 REPORT = "align_report.csv"
-JOURNAL = ".align_journal.csv"
+JOURNAL = ".align_journal"
+JOURNAL_KIND = b"align"
+LINE = 1  # journal record type: one report line
 PARAMS = ".align_params.json"
 LOCK = ".align.lock"
 FACES_CSV = "faces.csv"
@@ -149,13 +154,6 @@ def landmark_fit_error(landmarks: np.ndarray, size: int = 112) -> float:
     return float(np.linalg.norm(mapped - ARCFACE_TEMPLATE * (size / 112.0), axis=1).mean())
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -222,7 +220,7 @@ class Aligner:
             res.update(status="failed", reason="could not encode the crop")
             return res
         self._mkdir(os.path.dirname(f"{out}/{out_rel}"))
-        _write_atomic(f"{out}/{out_rel}", buf.tobytes())
+        atomic_write_bytes(f"{out}/{out_rel}", buf.tobytes())
         res.update(status="aligned", output=out_rel)
         return res
 
@@ -325,41 +323,26 @@ class ReportState:
         self.outputs = self._outputs.build()
 
     def _read(self, fid: int, path: Path) -> None:
-        with open(path, "rb") as fh:
-            header = fh.readline()
-            if header != HEADER:
-                raise LblError(f"{path}: not an lblctl align report (header differs); "
-                               "use a fresh --out or delete the file")
-            while True:
-                chunk: list[tuple[int, list[str]]] = []
-                for _ in range(65536):
-                    pos = fh.tell()
-                    line = fh.readline()
-                    if not line:
-                        break
-                    if not line.endswith(b"\n"):  # a crash cut the last line: drop it
-                        if fid == 1:
-                            fh.close()
-                            os.truncate(path, pos)
-                        break
-                    fields = _parse_line(line)
-                    if fields is not None and fields[4] in STATUS_CODE:
-                        chunk.append((pos, fields))
-                if not chunk:
-                    break
-                rows = self.index.paths.lookup([f[0] for _, f in chunk])
-                for row, (pos, f) in zip(rows.tolist(), chunk, strict=True):
-                    if row < 0:
-                        if f[3]:
-                            self.orphans.append(f[3])
-                        continue
-                    self.file[row], self.offset[row] = fid, pos
-                    self.status[row] = STATUS_CODE[f[4]]
-                    self.src_bytes[row] = int(f[12] or -2)
-                    self.src_mtime[row] = int(f[13] or 0)
-                    self.out_index[row] = self._outputs.append(f[3])
-                if fh.closed:
-                    break
+        lines = _journal_lines(path) if fid == 1 else _report_lines(path)
+        while True:
+            chunk: list[tuple[int, list[str]]] = []
+            for pos, line in itertools.islice(lines, 65536):
+                fields = _parse_line(line)
+                if fields is not None and fields[4] in STATUS_CODE:
+                    chunk.append((pos, fields))
+            if not chunk:
+                break
+            rows = self.index.paths.lookup([f[0] for _, f in chunk])
+            for row, (pos, f) in zip(rows.tolist(), chunk, strict=True):
+                if row < 0:
+                    if f[3]:
+                        self.orphans.append(f[3])
+                    continue
+                self.file[row], self.offset[row] = fid, pos
+                self.status[row] = STATUS_CODE[f[4]]
+                self.src_bytes[row] = int(f[12] or -2)
+                self.src_mtime[row] = int(f[13] or 0)
+                self.out_index[row] = self._outputs.append(f[3])
 
     def recorded_output(self, row: int) -> str:
         k = int(self.out_index[row])
@@ -374,34 +357,44 @@ class ReportState:
         return [o for o in outputs if o]
 
 
+def _report_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` of a finished ``align_report.csv`` (after its header)."""
+    with open(path, "rb") as fh:
+        if fh.readline() != HEADER:
+            raise LblError(f"{path}: not an lblctl align report (header differs); "
+                           "use a fresh --out or delete the file")
+        while True:
+            pos = fh.tell()
+            line = fh.readline()
+            if not line.endswith(b"\n"):
+                return
+            yield pos, line
+
+
+def _journal_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(record offset, line)`` of the journal's whole records (a record cut by a kill is not one)."""
+    records, _ = scan(path.read_bytes(), JOURNAL_KIND)
+    for rtype, payload, pos in records:
+        if rtype == LINE:
+            yield pos, bytes(payload)
+
+
 class Journal:
-    """Append-only CSV of finished rows, flushed often so a killed run loses at most a second."""
+    """The finished rows of this run, one record each, appended as they come (a killed run loses none)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        new = not path.is_file() or path.stat().st_size == 0
-        self.fh = open(path, "ab")  # noqa: SIM115 - held open for the whole run, closed in close()
-        if new:
-            self.fh.write(HEADER)
-        self.fh.seek(0, os.SEEK_END)
-        self.pos = self.fh.tell()
-        self._last_flush = time.monotonic()
+        self.log = RecordLog(path, JOURNAL_KIND, keep_records=False)  # cuts off a torn last record
 
     def write(self, line: bytes) -> int:
-        at = self.pos
-        self.fh.write(line)
-        self.pos += len(line)
-        now = time.monotonic()
-        if now - self._last_flush > 1.0:
-            self.fh.flush()
-            self._last_flush = now
-        return at
+        return self.log.append(LINE, line)
+
+    def read_at(self, offset: int) -> bytes:
+        return self.log.read_at(offset)[1]
 
     def close(self) -> None:
-        if not self.fh.closed:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
+        if not self.log.closed:
+            self.log.sync()
+            self.log.close()
 
 
 # --------------------------------------------------------------------------- planning
@@ -750,7 +743,8 @@ def reason_group(reason: str) -> str:
 def _write_report(out: Path, index: FaceIndex, state: ReportState) -> dict[str, Counter[str]]:
     """Rebuild ``align_report.csv`` (input order) and ``faces.csv`` from the report + journal lines."""
     counts: dict[str, Counter[str]] = {"status": Counter(), "quarantined": Counter(), "failed": Counter()}
-    handles = [open(p, "rb") if p.is_file() else None for p in state.files]  # noqa: SIM115 - closed below
+    handles = [open(state.files[0], "rb") if state.files[0].is_file() else None,  # noqa: SIM115 - closed below
+               Journal(state.files[1]) if state.files[1].is_file() else None]
     try:
         with atomic_open(out / REPORT, "wb") as rep, atomic_open(out / FACES_CSV, "w") as faces:
             rep.write(HEADER)
@@ -759,8 +753,11 @@ def _write_report(out: Path, index: FaceIndex, state: ReportState) -> dict[str, 
             for r in np.flatnonzero(state.file >= 0).tolist():
                 fh = handles[int(state.file[r])]
                 assert fh is not None
-                fh.seek(int(state.offset[r]))
-                line = fh.readline()
+                if isinstance(fh, Journal):
+                    line = fh.read_at(int(state.offset[r]))
+                else:
+                    fh.seek(int(state.offset[r]))
+                    line = fh.readline()
                 rep.write(line)
                 f = _parse_line(line)
                 if f is None:

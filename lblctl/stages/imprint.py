@@ -3,9 +3,11 @@
 Each chosen photo of an identity is embedded (unit length), the identity's embeddings are averaged
 and the mean is renormalised: the imprinting rule of the seed. Photos stream through one
 DataLoader in identity order, so memory does not grow with N: finished identities go to a
-memory-mapped staging file ``STORE/.imprint/`` and a small state file records how far it got,
-which is where ``--resume`` continues. At the end the identities that had a readable photo are
-copied into ``prototypes.h5``; the others are listed in ``left_out.csv`` (never a zero row).
+memory-mapped staging file ``STORE/.imprint/``, unreadable photos to a record log there
+(:mod:`lblctl.core.journal`), and a small state file, replaced atomically after the rows are
+synced, records how far it got, which is where ``--resume`` continues. At the end the identities
+that had a readable photo are copied into ``prototypes.h5``; the others are listed in
+``left_out.csv`` (never a zero row).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
 from lblctl.core.errors import LblError
+from lblctl.core.journal import RecordLog, read_log
 from lblctl.core.store import DTYPES, FILENAME, PrototypeStore
 from lblctl.core.strings import StringArrayBuilder
 from lblctl.core.summary import Summary
@@ -36,6 +39,8 @@ from lblctl.train.engine import DeferredInterrupt, Interrupted, fetch
 
 STAGING = ".imprint"
 STATE = "state.json"
+PROBLEMS_LOG = "problems.log"
+_PROBLEM = 1  # record: path, NUL, reason (utf-8)
 PHOTO_KINDS = ("id", "spot", "all")
 _COPY_ROWS = 65536
 
@@ -113,32 +118,34 @@ class _Staging:
         self.vectors = np.memmap(folder / "vectors.bin", dtype=dtype, mode=mode, shape=(max(n, 1), dim))
         # status per identity: 0 not yet, 1 imprinted, 2 no photo of the chosen kind, 3 no readable photo
         self.status = np.memmap(folder / "status.bin", dtype=np.uint8, mode=mode, shape=(max(n, 1),))
-        self.problems_path = folder / "problems.csv"
+        self.problems_path = folder / PROBLEMS_LOG
+        self._problems = RecordLog(self.problems_path, b"imprint", keep_records=False)
 
     def checkpoint(self, done: int) -> None:
-        self.vectors.flush()
-        self.status.flush()
+        """Sync the rows (and the problems) first, then move the state: a resume never trusts a row
+        that had not reached the disk."""
+        for mm in (self.vectors, self.status):
+            mm.flush()  # msync: the rows are on disk before the state says they are done
+        self._problems.sync()
         atomic_write_json(self.folder / STATE, {"signature": self.signature, "done": int(done)})
         self.done = done
 
     def add_problems(self, problems) -> None:
-        if not problems:
-            return
-        with open(self.problems_path, "a", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            for p in problems:
-                w.writerow([p.path, p.reason])
+        for p in problems:
+            self._problems.append(_PROBLEM, f"{p.path}\0{p.reason}".encode())
 
     def read_problems(self) -> ProblemLog:
         log = ProblemLog()
         seen: set[tuple[str, str]] = set()
-        if self.problems_path.exists():
-            with open(self.problems_path, newline="", encoding="utf-8") as fh:
-                for row in csv.reader(fh):
-                    if len(row) == 2 and tuple(row) not in seen:  # a resumed stretch may repeat a few
-                        seen.add((row[0], row[1]))
-                        log.add(row[0], row[1])
+        for _, payload in read_log(self.problems_path, b"imprint"):
+            path, _, reason = bytes(payload).decode("utf-8").partition("\0")
+            if (path, reason) not in seen:  # a resumed stretch may repeat a few
+                seen.add((path, reason))
+                log.add(path, reason)
         return log
+
+    def close(self) -> None:
+        self._problems.close()
 
 
 def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
@@ -250,6 +257,7 @@ def _finalise(cfg: ImprintConfig, index: FaceIndex, stage: _Staging, backbone: B
         for i in left:
             w.writerow([index.names[int(i)], reasons[int(status[i])]])
     problems = stage.read_problems()
+    stage.close()
     problems.write_csv(out / "problems.csv")
     params = {"photos": cfg.photos, "flip": cfg.flip, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
               "arch": backbone.arch, "preprocess": backbone.preprocess.as_dict()}

@@ -30,9 +30,11 @@ import faiss
 import numpy as np
 
 from lblctl.core import ui
-from lblctl.core.artifacts import _fsync_dir, describe_input, write_manifest
+from lblctl.core.artifacts import describe_input, write_manifest
 from lblctl.core.errors import LblError
+from lblctl.core.journal import atomic_open
 from lblctl.core.queues import QUEUES, Queues
+from lblctl.core.runtime import available_memory
 from lblctl.core.summary import Summary
 
 FLAT_MAX_ROWS = 50_000
@@ -98,25 +100,6 @@ class IndexSpec:
                   "hnsw": ("hnsw_m", "ef_construction", "ef_search")}[self.kind]
         d = asdict(self)
         return {"kind": self.kind, **{k: d[k] for k in fields}, "reason": self.reason}
-
-
-def available_memory() -> int:
-    """Bytes of memory available to this process now (MemAvailable; a cgroup limit if lower)."""
-    avail = 0
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    try:
-        limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
-        avail = min(avail, limit) if avail else limit
-    except (OSError, ValueError):
-        pass
-    return avail
 
 
 def choose_index(num_rows: int, dim: int, k: int, kind: str = "auto", *, nlist: int = 0, nprobe: int = 0,
@@ -227,18 +210,10 @@ def build_index(source: VectorSource, spec: IndexSpec, *, seed: int = 0, chunk_r
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
-    """Write a (CPU) index under a temp name, fsync, rename: a crash leaves the old file or the new."""
+    """Write a (CPU) index atomically (the one atomic writer): a crash leaves the old file or the new."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
     return path
 
 

@@ -72,6 +72,7 @@ class TrainDPConfig:
     resume: bool = False
     flip_augment: bool = True
     overlap: bool = True  # False: gather after the previous write-back (the serial reference)
+    store_cache_rows: int | None = None  # the store's write-back cache (rows); None: its default (65,536)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1, lr=0.01, weight_decay=5e-4))
 
     def validate(self) -> None:
@@ -150,6 +151,7 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
             store_dir, "r+",
             expect_embedding_size=backbone.embedding_size if backbone else None,
             expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
+            write_cache_rows=cfg.store_cache_rows,
         )
     except IncompatibleArtifact as exc:
         raise IncompatibleArtifact(_trained_store_advice(store_dir, str(exc))) from None
@@ -242,6 +244,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
 
     def before_checkpoint() -> None:
         streamer.drain()
+        store.flush()  # the write-back cache reaches the file, the store's log is emptied
         if queues is not None:
             queues.flush()
 
@@ -264,7 +267,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         "batch_classes": batch_classes, "loss": {"name": cfg.loss, **loss_options}, "identities": n,
         "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
-        "wait_for_data_s": streamer.wait_s, "problems": source.problems.summary(), "device": str(device),
+        "wait_for_data_s": streamer.wait_s, "store_write_cache_rows": store.write_cache_rows,
+        "store_flushes": int(store.stats["flushes"]), "problems": source.problems.summary(), "device": str(device),
     }
     return _finish(cfg, out, store_dir, store, backbone, model, dim, trainer, summary)
 
