@@ -21,6 +21,7 @@ STAGES = [
     ("eval", "eval"),
     ("verify_pair", "verify-pair"),
     ("export", "export"),
+    ("pack", "pack"),
 ]
 
 app = typer.Typer(
