@@ -22,7 +22,9 @@ from typing import Annotated
 import typer
 
 from lblctl.core import ui
+from lblctl.core.errors import LblError
 from lblctl.core.runtime import default_workers
+from lblctl.stages.compare import compare_reports
 from lblctl.stages.evaluate import EvalConfig, evaluate, metrics_table
 
 from ._common import Debug, Device, Json, Quiet, Seed, finish, start
@@ -31,8 +33,9 @@ SHORT_HELP = "Verification (TAR@FAR, EER, 10-fold) and identification (top-1/5) 
 
 
 def main(
-    backbone: Annotated[Path, typer.Option("--backbone", help="RUN folder, backbone.pt or an ONNX model.")],
-    out: Annotated[Path, typer.Option("--out", help="Report folder to write (metrics.json, roc.png, …).")],
+    backbone: Annotated[Path | None, typer.Option("--backbone", help="RUN folder, backbone.pt or an ONNX model "
+                                                  "(optional with --compare).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder to write (metrics.json, roc.png, …).")] = ...,
     pairs: Annotated[Path | None, typer.Option(help="Labelled pairs CSV id_image,spot_image,same[,fold].")] = None,
     data: Annotated[Path | None, typer.Option(help="Identity folders (or CSV): ID photos = gallery, "
                                               "spot photos = probes.")] = None,
@@ -45,6 +48,9 @@ def main(
     folds: Annotated[int, typer.Option(help="Folds when the pairs CSV has no fold column.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
+    compare: Annotated[list[Path] | None, typer.Option("--compare", help="Earlier REPORT folder(s) whose ROC "
+                                                       "to overlay in OUT/roc_compare.png (repeat the option); "
+                                                       "with --backbone, this run's ROC is added last.")] = None,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
@@ -52,6 +58,11 @@ def main(
     debug: Debug = False,
 ) -> None:
     dev = start(device, seed, quiet)
+    if backbone is None:
+        if not compare:
+            raise LblError("eval needs --backbone (or only --compare REPORT … --out DIR to overlay reports)")
+        finish(compare_reports(list(compare), out), "eval --compare", json_out)
+        return
     cfg = EvalConfig(backbone=backbone, out=out, pairs=pairs, data=data, gallery=gallery, probes=probes,
                      store=store, flip=flip, batch_size=batch_size,
                      workers=default_workers(workers), center_crop=center_crop,
@@ -65,3 +76,6 @@ def main(
         ui.info(f"report: {out}/metrics.json" + (", roc.png, scores_hist.png" if "verification" in metrics else ""))
         if summary["problems"]["count"]:
             ui.warn(f"{summary['problems']['count']} unreadable images or skipped rows; see {out}/problems.csv")
+    if compare:
+        shown = compare_reports([*compare, out], out)
+        ui.info(f"ROC of {len(shown['reports'])} reports: {shown['out']}")

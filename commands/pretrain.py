@@ -97,6 +97,8 @@ def main(
     log_every: Annotated[int, typer.Option(help="Write log.jsonl every N steps.")] = 10,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = cores − 1).")] = -1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's newest checkpoint.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard events to OUT/tensorboard "
+                                        "(needs the optional 'tensorboard' package: lblctl[tb]).")] = False,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
@@ -125,6 +127,7 @@ def main(
         train=TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                           schedule=schedule,
                           warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed),
+                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+                          tensorboard=tensorboard),
     )
     finish(pretrain(cfg, dev), "pretrain", json_out)

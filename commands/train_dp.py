@@ -69,6 +69,8 @@ def main(
     log_every: Annotated[int, Opt(help="Write log.jsonl every N steps.")] = 10,
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
     resume: Annotated[bool, Opt("--resume", help="Continue from OUT's newest checkpoint.")] = False,
+    tensorboard: Annotated[bool, Opt("--tensorboard", help="Also write TensorBoard events to OUT/tensorboard "
+                                        "(needs the optional 'tensorboard' package: lblctl[tb]).")] = False,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: Json = False,
@@ -84,6 +86,7 @@ def main(
         resume=resume,
         train=TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
                           warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed),
+                          checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+                          tensorboard=tensorboard),
     )
     finish(train_dp(cfg, dev), "train-dp", json_out)
