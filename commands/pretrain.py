@@ -37,11 +37,16 @@ SHORT_HELP = "Train a backbone (small_cnn, iresnet…) with a margin softmax on 
 def main(
     data: Annotated[Path, typer.Option("--data", help="Identity folders DATA/IDENTITY/IMAGE or a CSV.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write (backbone.pt, checkpoints, log).")],
-    arch: Annotated[str, typer.Option(help=f"Backbone: {', '.join(list_backbones())}.")] = "small_cnn",
-    embedding_size: Annotated[int, typer.Option(help="Embedding dimension.")] = 512,
+    arch: Annotated[str, typer.Option(help=f"Backbone: {', '.join(list_backbones())} (default small_cnn, "
+                                      "or --init's).")] = "",
+    embedding_size: Annotated[int, typer.Option(help="Embedding dimension (default 512, or --init's).")] = 0,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this backbone's weights: RUN, "
+                                              "backbone.pt or an ONNX recognition model (needs lblctl[onnx]).")
+                    ] = None,
     input_size: Annotated[int, typer.Option(help="Input side in pixels (0 = the arch's default).")] = 0,
     center_crop: Annotated[float, typer.Option(help="Keep this central fraction of each image first "
-                                               "(0.6 for un-aligned LFW-a; 1.0 for aligned crops).")] = 1.0,
+                                               "(0.6 for un-aligned LFW-a; 1.0 for aligned crops; "
+                                               "default 1.0, or --init's).")] = 0.0,
     width: Annotated[int, typer.Option(help="small_cnn base width (channels of the first convs).")] = 32,
     loss: Annotated[str, typer.Option(help="cosface (AM-softmax), arcface, combined (m1,m2,m3), center "
                                       "(softmax + λ·centre), pair (softmax + w·same/different head; "
@@ -119,7 +124,7 @@ def main(
                    "triplet_margin": triplet_margin, "mining": mining}
     cfg = PretrainConfig(
         data=data, out=out, arch=arch, embedding_size=embedding_size, input_size=input_size or None,
-        center_crop=center_crop, arch_kwargs={"width": width} if arch == "small_cnn" else {},
+        center_crop=center_crop, arch_kwargs={"width": width} if arch in ("small_cnn", "") else {}, init=init,
         loss=loss, loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None},
         batch_size=batch_size, pk_identities=pk_identities, pk_images=pk_images,
         epochs=epochs or None, val_fraction=val_fraction, min_images=min_images,
