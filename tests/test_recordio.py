@@ -170,3 +170,24 @@ def test_pack_cli_and_pretrain_on_rec(mixed: Path, tmp_path: Path, capsys: pytes
                            "--val-fraction", "0", "--workers", "0", "-q")
     assert code == 0, err
     assert (run_dir / "backbone.pt").is_file()
+
+
+def test_plain_rec_without_header_groups_images_by_label(mixed: Path, tmp_path: Path) -> None:
+    """An im2rec-style file (no header record, keys not starting at 0): identities from image labels."""
+    from lblctl.data.recordio import IRHeader, RecordWriter, pack_record
+
+    src = open_face_set(mixed)
+    writer = RecordWriter(tmp_path / "plain")
+    labels = src.image_identity
+    for r in range(src.num_images):
+        payload = Path(src.path(r)).read_bytes() if src.path(r).endswith(".jpg") else None
+        if payload is None:
+            continue
+        writer.write(100 + r, pack_record(IRHeader(0, float(labels[r]) * 3, 100 + r, 0), payload))
+    writer.close()
+    index = open_face_set(tmp_path / "plain")
+    jpeg_ids = sorted({int(labels[r]) for r in range(src.num_images) if src.path(r).endswith(".jpg")})
+    assert list(index.names) == [str(3 * i) for i in jpeg_ids]
+    assert index.counts().tolist() == [int(src.counts()[i]) for i in jpeg_ids]
+    first = index.images_of(0)[0]
+    assert np.array_equal(np.asarray(load_image(index.path(first))), np.asarray(load_image(src.path(0))))

@@ -200,20 +200,59 @@ def is_rec_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / REC).is_file()
 
 
-def read_idx(idx_path: str | os.PathLike) -> dict[int, int]:
-    """``train.idx`` as {key: byte offset}."""
-    out: dict[int, int] = {}
-    with open(idx_path, encoding="ascii", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split("\t") if "\t" in line else line.split()
+class RecIndex:
+    """``train.idx`` as two sorted int64 arrays (keys, byte offsets): 16 bytes a record, no Python dict."""
+
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.offsets = keys[order], offsets[order]
+        n = len(self.keys)
+        self._dense = bool(n) and self.keys[0] == 0 and self.keys[-1] == n - 1  # keys 0…n-1 (the usual case)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, found) for an array of keys."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._dense:
+            found = (keys >= 0) & (keys < len(self.keys))
+            return self.offsets[np.where(found, keys, 0)], found
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, max(0, len(self.keys) - 1))
+        found = self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), dtype=bool)
+        return self.offsets[pos], found
+
+    def __contains__(self, key: int) -> bool:
+        return bool(self.lookup(np.array([key]))[1][0])
+
+    def __getitem__(self, key: int) -> int:
+        off, found = self.lookup(np.array([key]))
+        if not found[0]:
+            raise KeyError(key)
+        return int(off[0])
+
+
+def read_idx(idx_path: str | os.PathLike, chunk_lines: int = 1 << 20) -> RecIndex:
+    """Parse ``train.idx`` (``key<TAB>offset`` lines) in chunks into a :class:`RecIndex`."""
+    keys_parts, offs_parts = [], []
+    with open(idx_path, "rb") as fh:
+        while True:
+            lines = fh.readlines(chunk_lines * 16)
+            if not lines:
+                break
             try:
-                out[int(parts[0])] = int(parts[1])
-            except (ValueError, IndexError):
-                raise LblError(f"{idx_path}:{lineno}: not 'key<TAB>offset' ({line[:60]!r})") from None
-    return out
+                arr = np.array(b" ".join(lines).split(), dtype=np.int64)
+            except ValueError:
+                bad = next((ln for ln in lines if len(ln.split()) != 2 or not all(x.isdigit() for x in ln.split())),
+                           lines[0])
+                raise LblError(f"{idx_path}: a line is not 'key<TAB>offset' ({bad[:60]!r})") from None
+            if len(arr) % 2:
+                raise LblError(f"{idx_path}: a line is not 'key<TAB>offset' (odd number of fields)")
+            keys_parts.append(arr[0::2])
+            offs_parts.append(arr[1::2])
+    keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, np.int64)
+    offs = np.concatenate(offs_parts) if offs_parts else np.zeros(0, np.int64)
+    return RecIndex(keys, offs)
 
 
 def read_property(folder: str | os.PathLike) -> dict[str, int] | None:
@@ -231,10 +270,15 @@ class RecSet:
     """What :func:`scan_rec` found: identities with their image offsets, and unreadable records."""
 
     names: list[str]
-    offsets: list[list[int]]  # per identity, byte offsets of its images in order
-    id_counts: list[int]  # per identity, how many of its first images are ID photos (≥ 1)
-    problems: list[tuple[str, str]]  # (where, reason) of records skipped while indexing
+    offsets: np.ndarray  # int64 M: byte offsets of the images, identity by identity
+    bounds: np.ndarray  # int64 N+1: identity i's images are offsets[bounds[i]:bounds[i+1]]
+    id_counts: np.ndarray  # int64 N: how many of an identity's first images are ID photos (≥ 1)
+    problems: list[tuple[str, str]]  # (where, reason) of records skipped while indexing (first 1000)
+    problem_count: int  # ranges: image keys missing from the .idx; labels: unreadable records
     layout: str  # "ranges" (identity records) or "labels" (grouped by image labels)
+
+
+_KEEP_PROBLEMS = 1000
 
 
 def _header_at(fd: int, offset: int, size: int, with_payload: bool = False) -> tuple[IRHeader, bytes]:
@@ -262,11 +306,11 @@ def scan_rec(folder: str | os.PathLike) -> RecSet:
         raise LblError(f"--data {folder}: {REC} without {IDX}; random access needs the index file "
                        "(rebuild it with insightface's/MXNet's tools, or re-pack with lblctl pack)")
     keys = read_idx(idx)
-    if not keys:
+    if not len(keys):
         raise LblError(f"--data {folder}: {IDX} is empty")
     fd, size = _handle(str(rec))
     problems: list[tuple[str, str]] = []
-    first_key = min(keys)
+    first_key = int(keys.keys[0])
     try:
         h0, _ = _header_at(fd, keys[first_key], size)
     except RecordProblem as exc:
@@ -276,32 +320,36 @@ def scan_rec(folder: str | os.PathLike) -> RecSet:
         try:
             return _scan_ranges(rec, fd, size, keys, img_end, id_end, problems)
         except RecordProblem as exc:
-            problems.append((f"{rec}#identity-records", f"{exc}; identities taken from image labels"))
-        image_keys = [k for k in sorted(keys) if 1 <= k < img_end]
+            problems = [(f"{rec}#identity-records", f"{exc}; identities taken from image labels")]
+        image_keys = keys.keys[(keys.keys >= 1) & (keys.keys < img_end)]
     else:
-        image_keys = sorted(keys)
+        image_keys = keys.keys
     return _scan_labels(rec, fd, size, keys, image_keys, problems)
 
 
-def _scan_ranges(rec: Path, fd: int, size: int, keys: dict[int, int], img_end: int, id_end: int,
+def _scan_ranges(rec: Path, fd: int, size: int, keys: RecIndex, img_end: int, id_end: int,
                  problems: list[tuple[str, str]]) -> RecSet:
     names: list[str] = []
-    offsets: list[list[int]] = []
+    parts: list[np.ndarray] = []
+    bounds = [0]
     id_counts: list[int] = []
-    for k in range(img_end, id_end):
-        if k not in keys:
+    missing = 0
+    id_offsets, id_found = keys.lookup(np.arange(img_end, id_end))
+    for j, k in enumerate(range(img_end, id_end)):
+        if not id_found[j]:
             raise RecordProblem(f"identity record {k} missing from {IDX}")
-        h, payload = _header_at(fd, keys[k], size, with_payload=True)
+        h, payload = _header_at(fd, int(id_offsets[j]), size, with_payload=True)
         if not isinstance(h.label, tuple) or len(h.label) < 2:
             raise RecordProblem(f"identity record {k} has no image range")
         a, b = int(h.label[0]), int(h.label[1])
-        rows = []
-        for j in range(a, b):
-            if j in keys:
-                rows.append(keys[j])
-            else:
-                problems.append((f"{rec}#key{j}", f"image record {j} missing from {IDX}"))
-        if not rows:
+        offs, found = keys.lookup(np.arange(a, b))
+        if not found.all():
+            missing += int((~found).sum())
+            if len(problems) < _KEEP_PROBLEMS:
+                problems.append((f"{rec}#identity{k}", f"{int((~found).sum())} image keys of {a}…{b - 1} "
+                                 f"missing from {IDX}"))
+            offs = offs[found]
+        if not len(offs):
             continue
         n_id = int(h.label[2]) if len(h.label) >= 3 else 1
         try:
@@ -309,25 +357,35 @@ def _scan_ranges(rec: Path, fd: int, size: int, keys: dict[int, int], img_end: i
         except UnicodeDecodeError:
             name = ""
         names.append(name or str(k - img_end))
-        offsets.append(rows)
-        id_counts.append(min(max(n_id, 1), len(rows)))
-    return RecSet(names, offsets, id_counts, problems, "ranges")
+        parts.append(offs)
+        bounds.append(bounds[-1] + len(offs))
+        id_counts.append(min(max(n_id, 1), len(offs)))
+    offsets = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return RecSet(names, offsets, np.asarray(bounds, np.int64), np.asarray(id_counts, np.int64), problems,
+                  missing, "ranges")
 
 
-def _scan_labels(rec: Path, fd: int, size: int, keys: dict[int, int], image_keys: list[int],
+def _scan_labels(rec: Path, fd: int, size: int, keys: RecIndex, image_keys: np.ndarray,
                  problems: list[tuple[str, str]]) -> RecSet:
-    groups: dict[int, list[int]] = {}
-    for k in image_keys:
-        off = keys[k]
+    offs, _ = keys.lookup(image_keys)
+    labels = np.full(len(offs), -1, dtype=np.int64)
+    count = len(problems)
+    for i, off in enumerate(offs.tolist()):
         try:
             h, _ = _header_at(fd, off, size)
         except RecordProblem as exc:
-            problems.append((f"{rec}#{off}", str(exc)))
+            count += 1
+            if len(problems) < _KEEP_PROBLEMS:
+                problems.append((f"{rec}#{off}", str(exc)))
             continue
-        label = h.label[0] if isinstance(h.label, tuple) else h.label
-        groups.setdefault(int(label), []).append(off)
-    labels = sorted(groups)
-    return RecSet([str(lab) for lab in labels], [groups[lab] for lab in labels], [1] * len(labels), problems,
+        labels[i] = int(h.label[0] if isinstance(h.label, tuple) else h.label)
+    good = labels >= 0
+    offs, labels = offs[good], labels[good]
+    order = np.argsort(labels, kind="stable")
+    offs, labels = offs[order], labels[order]
+    uniq, starts = np.unique(labels, return_index=True)
+    bounds = np.r_[starts, len(labels)].astype(np.int64)
+    return RecSet([str(int(u)) for u in uniq], offs, bounds, np.ones(len(uniq), np.int64), problems, count,
                   "labels")
 
 
@@ -343,22 +401,20 @@ def open_rec_index(folder: str | os.PathLike):
     folder = Path(folder)
     found = scan_rec(folder)
     names, paths = StringArrayBuilder(), StringArrayBuilder()
-    offsets = [0]
-    is_id: list[bool] = []
-    for name, rows, n_id in zip(found.names, found.offsets, found.id_counts, strict=True):
-        for j, off in enumerate(rows):
-            paths.append(f"{REC}#{off}")
-            is_id.append(j < n_id)
+    for name in found.names:
         names.append(name)
-        offsets.append(len(paths))
+    for off in found.offsets.tolist():
+        paths.append(f"{REC}#{off}")
+    position = np.arange(len(found.offsets)) - np.repeat(found.bounds[:-1], np.diff(found.bounds))
+    is_id = position < np.repeat(found.id_counts, np.diff(found.bounds))
+    offsets = found.bounds
     if len(names) == 0:
         raise LblError(f"--data {folder}: {REC} holds no readable image records")
-    index = FaceIndex(folder, names.build(), paths.build(), np.asarray(offsets, dtype=np.int64),
-                      np.asarray(is_id, dtype=bool), "rec")
+    index = FaceIndex(folder, names.build(), paths.build(), offsets, is_id.astype(bool), "rec")
     index.rec_problems = found.problems  # type: ignore[attr-defined]
     if found.problems:
         where, reason = found.problems[0]
-        ui.warn(f"{folder}: {len(found.problems)} record(s) skipped while indexing (first: {where}: {reason})")
+        ui.warn(f"{folder}: {found.problem_count} problem(s) while indexing (first: {where}: {reason})")
     return index
 
 
