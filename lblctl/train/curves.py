@@ -87,7 +87,9 @@ def write_curves(run_dir: str | os.PathLike, title: str | None = None) -> Path |
         if key == "lr" and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
     flat[-1].axis("off")
-    last = records[-1]
+    last: dict[str, Any] = {}
+    for r in records:  # the latest value of every field (step and epoch records interleave)
+        last.update(r)
     flat[-1].text(0.0, 0.9, "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
                                        for k, v in last.items()), va="top", family="monospace", fontsize=9)
     fig.suptitle(title or run_dir.name)
