@@ -47,6 +47,7 @@ _LEN_MASK = (1 << 29) - 1
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
 REC, IDX, PROPERTY = "train.rec", "train.idx", "property"
+_FIRST_READ = 64 * 1024
 _REC_PATH = re.compile(r"^(.*\.rec)#(\d+)$", re.DOTALL)
 
 
@@ -111,14 +112,14 @@ def read_frames(fd: int, offset: int, size: int) -> bytes:
     parts: list[bytes] = []
     pos = offset
     while True:
-        head = os.pread(fd, 8, pos)
-        if len(head) < 8:
+        chunk = os.pread(fd, _FIRST_READ, pos)  # header + a face image in one system call, usually
+        if len(chunk) < 8:
             raise RecordProblem(f"record cut short at byte {pos} (file ends at {size})")
-        magic, lrec = struct.unpack("<II", head)
+        magic, lrec = struct.unpack_from("<II", chunk)
         if magic != MAGIC:
             raise RecordProblem(f"bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x})")
         cflag, length = lrec >> 29, lrec & _LEN_MASK
-        body = os.pread(fd, length, pos + 8)
+        body = chunk[8:8 + length] if len(chunk) >= 8 + length else os.pread(fd, length, pos + 8)
         if len(body) < length:
             raise RecordProblem(f"record cut short at byte {pos}: {len(body)} of {length} bytes")
         if cflag == 0:
