@@ -7,7 +7,11 @@ top-1 / top-5 of spot photos against ID photos (--data IDS), a gallery CSV (--ga
 --probes P.csv, columns identity,image), or the prototypes of a store (--store STORE), searched
 with faiss. --backbone takes an lblctl RUN / backbone.pt or an ONNX recognition model.
 
-Writes OUT/metrics.json, OUT/roc.png, OUT/scores_hist.png and OUT/manifest.json.
+Writes OUT/metrics.json, OUT/roc.png, OUT/roc.npz (the curve), OUT/scores_hist.png and
+OUT/manifest.json. --compare REPORT (repeatable) overlays earlier reports' ROCs in
+OUT/roc_compare.png, e.g. before/after a training stage:
+
+    lblctl eval --compare report_before --compare report_after --out compare
 
 Example (CPU, on the shared LFW pairs):
 
