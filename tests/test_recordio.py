@@ -191,3 +191,20 @@ def test_plain_rec_without_header_groups_images_by_label(mixed: Path, tmp_path: 
     assert index.counts().tolist() == [int(src.counts()[i]) for i in jpeg_ids]
     first = index.images_of(0)[0]
     assert np.array_equal(np.asarray(load_image(index.path(first))), np.asarray(load_image(src.path(0))))
+
+
+def test_imprint_from_rec_equals_imprint_from_folders(mixed: Path, packed: Path, tmp_path: Path) -> None:
+    """The same photos through --data FOLDERS and --data REC give the same prototypes."""
+    import h5py
+
+    from lblctl.stages.imprint import ImprintConfig, imprint
+
+    from .test_export import make_backbone
+
+    bb = make_backbone(tmp_path / "bb" / "backbone.pt")
+    for name, data in (("folders", mixed), ("rec", packed)):
+        imprint(ImprintConfig(out=tmp_path / name, data=data, backbone=bb, photos="all", workers=0), "cpu")
+    with h5py.File(tmp_path / "folders" / "prototypes.h5") as a, h5py.File(tmp_path / "rec" / "prototypes.h5") as b:
+        assert [x.decode() if isinstance(x, bytes) else x for x in a["identities"][:]] == \
+            [x.decode() if isinstance(x, bytes) else x for x in b["identities"][:]]
+        assert np.allclose(a["prototypes"][:], b["prototypes"][:], atol=1e-6)
