@@ -18,6 +18,7 @@ Continue a killed run with the same command plus --resume.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from . import _common as o
@@ -34,11 +35,13 @@ def _loss(flags: list[str], kind: type, help: str) -> object:
 def main(
     data: o.IdsData,
     out: o.RunOut,
-    arch: Annotated[str, Opt(help=f"Backbone: {Backbones}.")] = "small_cnn",
-    embedding_size: Annotated[int, Opt(help="Embedding dimension.")] = 512,
+    arch: Annotated[str, Opt(help=f"Backbone: {Backbones} (default small_cnn, or --init's).")] = "",
+    embedding_size: Annotated[int, Opt(help="Embedding dimension (default 512, or --init's).")] = 0,
+    init: Annotated[Path | None, Opt("--init", help="Start from this backbone's weights: RUN, backbone.pt or an "
+                                     "ONNX recognition model (needs lblctl[onnx]).")] = None,
     input_size: Annotated[int, Opt(help="Input side in pixels (0 = the arch's default).")] = 0,
-    center_crop: Annotated[float, Opt(help="Keep this central fraction of each image first "
-                                      "(0.6 for un-aligned LFW-a; 1.0 for aligned crops).")] = 1.0,
+    center_crop: Annotated[float, Opt(help="Keep this central fraction of each image first (0.6 for un-aligned "
+                                      "LFW-a; 1.0 for aligned crops; default 1.0, or --init's).")] = 0.0,
     width: Annotated[int, Opt(help="small_cnn base width (channels of the first convs).")] = 32,
     loss: Annotated[str, Opt(help="cosface (AM-softmax), arcface, combined (m1,m2,m3), center (softmax + λ·centre), "
                              "pair (softmax + w·same/different head; needs P×K), triplet (needs P×K).")] = "cosface",
@@ -76,6 +79,7 @@ def main(
     log_every: o.LogEvery = 10,
     workers: o.Workers = -1,
     resume: o.Resume = False,
+    tensorboard: o.Tensorboard = False,
     *,
     common: Common,
 ):
@@ -88,10 +92,11 @@ def main(
                    "mining": mining}
     train = TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
-                        log_every=log_every, seed=common.seed)
+                        log_every=log_every, seed=common.seed, tensorboard=tensorboard)
     return run(PretrainConfig(
         data=data, out=out, arch=arch, embedding_size=embedding_size, input_size=input_size or None,
-        center_crop=center_crop, arch_kwargs={"width": width} if arch == "small_cnn" else {}, loss=loss,
+        center_crop=center_crop, arch_kwargs={"width": width} if arch in ("small_cnn", "") else {}, init=init,
+        loss=loss,
         loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None}, batch_size=batch_size,
         pk_identities=pk_identities, pk_images=pk_images, epochs=epochs or None, val_fraction=val_fraction,
         min_images=min_images, workers=default_workers(workers), resume=resume, train=train), common.device)

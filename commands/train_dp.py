@@ -63,6 +63,7 @@ def main(
     log_every: o.LogEvery = 10,
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
     resume: o.Resume = False,
+    tensorboard: o.Tensorboard = False,
     store_cache_rows: Annotated[int, Opt(help="Store write-back cache, rows (0 = default 65,536).")] = 0,
     *,
     common: Common,
@@ -73,7 +74,7 @@ def main(
 
     train = TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
-                        log_every=log_every, seed=common.seed)
+                        log_every=log_every, seed=common.seed, tensorboard=tensorboard)
     return run(TrainDPConfig(
         store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
         classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,

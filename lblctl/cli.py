@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "verify-pair": ("verify_pair", "Score a CSV of ID/spot photo pairs: cosine, same/different at a threshold "
                     "or FAR."),
     "export": ("export", "Export a backbone to ONNX (dynamic batch), checked against PyTorch within 1e-4."),
+    "pack": ("pack", "Pack identity folders into an insightface .rec set (train.rec/.idx/property)."),
 }
 
 MARKUP = "markdown"

@@ -75,7 +75,7 @@ def test_eval_pairs_on_real_lfw(tmp_path):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((tmp_path / "report" / "manifest.json").read_text())
     assert manifest["kind"] == "eval-report" and manifest["backbone_fingerprint"] == bb.fingerprint
-    assert {f["path"] for f in manifest["files"]} == {"metrics.json", "roc.png", "scores_hist.png"}
+    assert {f["path"] for f in manifest["files"]} == {"metrics.json", "roc.png", "scores_hist.png", "roc.npz"}
 
 
 def _brute_force_topk(bb, faces) -> tuple[float, float, int]:

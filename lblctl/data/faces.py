@@ -95,6 +95,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open any image as RGB uint8 with its EXIF orientation applied; raise :class:`ImageProblem`."""
+    if ".rec#" in os.fspath(path):  # an image record of an insightface .rec set: DIR/train.rec#<offset>
+        from lblctl.data import recordio
+
+        if recordio.split_record_path(path) is not None:
+            return recordio.load_record_image(path)
     try:
         if os.path.getsize(path) == 0:
             raise ImageProblem("empty file")
@@ -294,8 +299,12 @@ def read_identity_csv(csv_path: str | os.PathLike, root: str | os.PathLike | Non
 
 
 def open_face_set(data: str | os.PathLike, *, min_images: int = 1) -> FaceIndex:
-    """Identity folders or a CSV, by what ``data`` is."""
+    """Identity folders, a CSV or an insightface ``.rec`` folder, by what ``data`` is."""
     p = Path(data)
+    if p.suffix.lower() == ".rec" or (p / "train.rec").is_file():
+        from lblctl.data.recordio import open_rec_index
+
+        return open_rec_index(p.parent if p.suffix.lower() == ".rec" else p)
     if p.suffix.lower() == ".csv":
         return read_identity_csv(p)
     index = scan_folders(p, min_images=min_images)

@@ -38,6 +38,8 @@ def default_input_size(name: str) -> int:
 def create_backbone(name: str, embedding_size: int = 512, input_size: int | None = None,
                     **kwargs: Any) -> nn.Module:
     """Build backbone ``name``; unknown names and impossible sizes are a :class:`LblError`."""
+    if name == "onnx" and name not in _REGISTRY:  # converted ONNX models: registered on first use
+        import lblctl.models.onnx_torch  # noqa: F401
     if name not in _REGISTRY:
         raise LblError(f"--arch {name}: unknown backbone; choose one of {', '.join(list_backbones())}")
     if embedding_size < 1:

@@ -137,7 +137,14 @@ def read_backbone_state(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_backbone(path: str | os.PathLike, device: torch.device | str = "cpu",
                   expect_embedding_size: int | None = None) -> Backbone:
-    """Rebuild the architecture from the file and load its weights onto ``device``."""
+    """Rebuild the architecture from the file and load its weights onto ``device``.
+
+    An ``.onnx`` file becomes a trainable module (:mod:`lblctl.models.onnx_torch`, needs onnx2torch).
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        from lblctl.models.onnx_torch import load_onnx_trainable
+
+        return load_onnx_trainable(path, device, expect_embedding_size)
     p = resolve_backbone_path(path)
     state = read_backbone_state(p)
     if expect_embedding_size is not None and state["embedding_size"] != expect_embedding_size:

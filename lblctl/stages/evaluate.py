@@ -35,6 +35,7 @@ from lblctl.data.faces import (
 from lblctl.data.pairs import PairsFile
 from lblctl.models.checkpoint import open_backbone
 from lblctl.models.embed import embed_paths
+from lblctl.stages.compare import ROC_NPZ, save_roc
 from lblctl.stages.verify import backbone_identities
 
 METRICS = "metrics.json"
@@ -359,7 +360,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, backbone: Any, store: Any) 
         metrics["verification"] = section
         plot_roc(ps.scores, ps.same, out / ROC_PNG, f"ROC ({len(ps.scores)} pairs)")
         plot_hist(ps.scores, ps.same, out / HIST_PNG, "cosine scores")
-        files += [ROC_PNG, HIST_PNG]
+        save_roc(ps.scores, ps.same, out / ROC_NPZ)  # the ROC itself, for eval --compare
+        files += [ROC_PNG, HIST_PNG, ROC_NPZ]
         summary["pairs_skipped"] = ps.skipped
         summary["folds"] = "from CSV" if ps.folds is not None else f"{cfg.folds} random"
 
@@ -388,7 +390,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, backbone: Any, store: Any) 
     if problems.count:
         problems.write_csv(out / PROBLEMS)
         files.append(PROBLEMS)
-    for stale in (ROC_PNG, HIST_PNG, PROBLEMS):  # from an earlier run into the same folder
+    for stale in (ROC_PNG, HIST_PNG, ROC_NPZ, PROBLEMS):  # from an earlier run into the same folder
         if stale not in files:
             (out / stale).unlink(missing_ok=True)
     inputs = {"backbone": describe_input(backbone.path)}

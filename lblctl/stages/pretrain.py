@@ -33,6 +33,7 @@ from lblctl.data.faces import (
 from lblctl.models.backbones import create_backbone, default_input_size
 from lblctl.models.checkpoint import FILENAME, Backbone, save_backbone
 from lblctl.models.embed import embed_paths
+from lblctl.models.init import apply_init, manifest_arch_kwargs
 from lblctl.models.losses import NEEDS_PK, Objective, resolve_loss_options
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 from lblctl.train.samplers import PKBatchSampler
@@ -60,6 +61,7 @@ class PretrainConfig:
     workers: int = 0
     resume: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
+    init: Path | None = None  # start from this backbone (backbone.pt, RUN or .onnx); fixes arch and sizes
 
 
 def validation_pairs(index: FaceIndex, identities: np.ndarray, max_pairs: int,
@@ -142,6 +144,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
         cfg = replace(cfg, batch_size=batch_size_of(cfg))
     out = Path(cfg.out)
     use_pk = check_loss_options(cfg)
+    init = apply_init(cfg, device)  # before any data is read: a wrong --init is one error
     if latest_checkpoint(out) is not None and not cfg.resume:
         raise LblError(f"--out {out}: holds checkpoints of an earlier run; add --resume to continue it "
                        "or choose a new --out")
@@ -169,7 +172,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     if cfg.epochs is not None:
         tcfg.steps = cfg.epochs * steps_per_epoch
 
-    model = create_backbone(cfg.arch, cfg.embedding_size, input_size, **cfg.arch_kwargs).to(device)
+    model = (init.model if init is not None else
+             create_backbone(cfg.arch, cfg.embedding_size, input_size, **cfg.arch_kwargs)).to(device)
     objective = Objective(cfg.loss, len(train_ids), cfg.embedding_size, cfg.loss_kwargs).to(device)
     state = objective.state_modules()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -251,6 +255,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     if problems.count:
         problems.write_csv(out / "problems.csv")
     params = {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "train")}
+    params["arch_kwargs"] = manifest_arch_kwargs(cfg.arch_kwargs)
     params["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(tcfg).items()}
     summary = {
         "out": str(out), "backbone": str(out / FILENAME), "backbone_fingerprint": fingerprint,
@@ -267,7 +272,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
-    write_manifest(out, "backbone", params=params, inputs={"data": data_fp}, files=files,
+    inputs = {"data": data_fp, **({"init": describe_input(cfg.init)} if cfg.init is not None else {})}
+    write_manifest(out, "backbone", params=params, inputs=inputs, files=files,
                    embedding_size=cfg.embedding_size, backbone_fingerprint=fingerprint,
                    extra={"summary": {k: summary[k] for k in ("steps", "final_loss") if k in summary} | val})
     return summary

@@ -114,6 +114,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    curves: bool = True  # RUN/curves.png at every checkpoint and at the end
+    tensorboard: bool = False  # RUN/tensorboard/ event files (optional 'tensorboard' package)
+
+    def __post_init__(self) -> None:
+        if self.tensorboard:  # refused when the options are read, before any data is opened
+            from lblctl.train.curves import require_tensorboard
+
+            require_tensorboard()
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -201,6 +209,7 @@ class Trainer:
         # right before a checkpoint is written (make it durable) and right after (with its step)
         self.before_checkpoint: Callable[[], None] | None = None
         self.after_checkpoint: Callable[[int], None] | None = None
+        self._tb: Any = None  # TensorBoardLog once fit() starts, with cfg.tensorboard
         self._set_lr()
 
     # ------------------------------------------------------------------ pieces
@@ -278,7 +287,21 @@ class Trainer:
             self.after_checkpoint(self.step)
         for old in sorted(folder.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
+        self._draw_curves()
         return path
+
+    def _draw_curves(self) -> None:
+        """curves.png (and TensorBoard's buffer) brought up to date; a drawing failure never stops training."""
+        if self._tb is not None:
+            self._tb.flush()
+        if not self.cfg.curves:
+            return
+        from lblctl.train.curves import write_curves
+
+        try:
+            write_curves(self.out_dir)
+        except Exception as exc:  # noqa: BLE001 - a picture is not worth a lost run
+            ui.warn(f"could not draw {self.out_dir}/curves.png: {exc}")
 
     def resume(self) -> int:
         """Load the newest checkpoint in ``out_dir``; return its step (0 when there is none)."""
@@ -302,6 +325,8 @@ class Trainer:
         path = self.out_dir / LOG_FILE
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add(record)
 
     def _save_interrupted(self) -> None:
         """Checkpoint at the current step (between steps, so it is whole) and stop with :class:`Interrupted`."""
@@ -324,6 +349,10 @@ class Trainer:
         None to skip a batch (e.g. all its images were unreadable).
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.tensorboard and self._tb is None:
+            from lblctl.train.curves import TensorBoardLog
+
+            self._tb = TensorBoardLog(self.out_dir)
         for m in self.modules.values():
             m.train()
         last: dict[str, Any] = {}
