@@ -411,11 +411,11 @@ def pm(cell: dict | None, key: str) -> str:
 def render(r: dict) -> str:
     b = r["backbone"]
     md = ["# train-dp against the baselines a user tries first", "",
-          f"Machine: {r['machine']}. Mean ± std over seeds (population std; imprinting is deterministic; "
-          "a row without ± ran one seed).", "",
+          "Mean ± std over seeds (population std; imprinting is deterministic; a row without ± ran one seed). "
+          "Load average: `cat /proc/loadavg` on this shared 2-core box before → after each data set.", "",
           f"Backbone: {b['arch']} {b['input']} px, {b['embedding']}-d, pretrained {b['epochs']} epochs on "
           f"{b['identities']} LFW identities disjoint from every evaluated one (held-out val accuracy "
-          f"{b['val_accuracy']}).", ""]
+          f"{b['val_accuracy'] or 0:.3f}).", ""]
     for name, d in r["datasets"].items():
         md += [f"## {name}", "",
                f"{d['trained_identities']} trained identities (ID + 1–2 spot photos) and "
@@ -458,7 +458,12 @@ def main() -> None:
     ap.add_argument("--one-seed", default="", help="variants to run with the first seed only (CPU budget)")
     ap.add_argument("--finetune-batch", type=int, default=0, help="images per fine-tuning step (0 = K × 2)")
     ap.add_argument("--name", default="accuracy", help="results file stem")
+    ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json")
     a = ap.parse_args()
+    if a.render_only:
+        print(save(a.name, {k: v for k, v in json.loads((RESULTS / f"{a.name}.json").read_text()).items()
+                            if k not in ("benchmark",)}))
+        return
     a.datasets = a.datasets.split(",")
     a.seeds = [int(x) for x in a.seeds.split(",")]
     a.variants = a.variants.split(",")

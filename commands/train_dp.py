@@ -55,7 +55,7 @@ def main(
     scale: Annotated[float, Opt("--scale", "-s", help="Margin-softmax scale s.")] = 24.0,
     margin: Annotated[float, Opt("--margin", "-m", help="Margin m.")] = 0.2,
     lr: Annotated[float, Opt(help="Backbone learning rate.")] = 0.01,
-    head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
+    head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = 0.5 × images per step / 256; see README).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
     projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
     steps: Annotated[int, Opt(help="Optimisation steps (when --epochs is 0).")] = 1000,

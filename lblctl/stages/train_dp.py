@@ -41,6 +41,7 @@ from lblctl.train.dp_data import FeatureSource, ImageSource
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 
 HEADS = ("dp", "random", "full")
+HEAD_LR_PER_IMAGE = 0.5 / 256  # the default prototype lr: 0.5 at K = 128 classes × 2 photos per step
 JOURNAL = "undo.bin"
 
 
@@ -59,6 +60,9 @@ class TrainDPConfig:
     batch_size: int = 0  # images per step; 0 = K × photos_per_class
     loss: str = "cosface"
     loss_kwargs: dict[str, float] = field(default_factory=lambda: {"s": 24.0, "m": 0.2})
+    # None = HEAD_LR_PER_IMAGE × images per step. Each prototype sees only its 2–3 photos and a 1/batch share
+    # of the mean loss's gradient, so at the backbone's 0.01 it barely leaves its imprint, and a fixed rate
+    # is too large for small batches (bench/accuracy_bench.py, README "Does train-dp pay off?").
     head_lr: float | None = None
     freeze_backbone: bool = False
     projection: bool = False  # head-only mode: also learn a linear projection of the features
@@ -181,7 +185,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     head.weight = nn.Parameter(torch.zeros(k, dim, device=device))
     modules: dict[str, nn.Module] = {"head": head}
     groups: list[dict[str, Any]] = [{"params": [head.weight], "weight_decay": 0.0,
-                                     "lr": cfg.head_lr if cfg.head_lr else tcfg.lr}]
+                                     "lr": cfg.head_lr or HEAD_LR_PER_IMAGE * batch_classes * per_class}]
     if train_backbone:
         modules["backbone"] = model
         groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad]})
@@ -375,7 +379,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
     summary = {
         "out": str(out), "store": str(store_dir), "head": cfg.head, "classes": k, "sampled": sampler.sampled,
-        "batch_classes": batch_classes, "identities": n, "trainable_identities": int(len(source.trainable)),
+        "batch_classes": batch_classes, "head_lr": groups[-1]["lr"], "identities": n,
+        "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
         "wait_for_data_s": stats["wait_s"],
         "backbone_fingerprint": fingerprint, "problems": source.problems.summary(), "device": str(device),
