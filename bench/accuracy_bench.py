@@ -334,6 +334,8 @@ LABELS = {
     "random_frozen": "`--head random`, frozen backbone",
     "full_frozen": "`--head full`, frozen backbone",
     "dp_frozen_old_defaults": "train-dp frozen, old defaults (`--head-lr` = `--lr` 0.01)",
+    "dp_frozen_head_lr_0.5": "train-dp frozen, `--head-lr 0.5` (ran while 0.5 was a fixed default; the default "
+                             "is now 0.5 × images/256 = 0.031 here: accuracy_small.md)",
     "dp_finetune": "train-dp fine-tuning the backbone, defaults (the README's command)",
     "random_finetune": "`--head random`, fine-tuning",
     "full_finetune": "`--head full`, fine-tuning",
