@@ -49,7 +49,7 @@ def main(
     margin: Annotated[float | None, Opt("--margin", "-m", help="Margin m (default 0.2 cosface, "
                                         "0.5 arcface).")] = None,
     lr: Annotated[float, Opt(help="Backbone learning rate.")] = 0.01,
-    head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = same as --lr).")] = 0.0,
+    head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = 0.5 × images per step / 256; see README).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
     projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
     steps: o.Steps = 1000,

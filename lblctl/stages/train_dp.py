@@ -45,6 +45,7 @@ from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfi
 from lblctl.train.streamer import StepData, StoreStreamer
 
 HEADS = ("dp", "random", "full")
+HEAD_LR_PER_IMAGE = 0.5 / 256  # the default prototype lr: 0.5 at K = 128 classes × 2 photos per step
 INDEX_MANIFEST = "index_manifest.json"  # build-index's manifest beside the store's (lblctl.stages.index)
 JOURNAL = "undo.bin"
 
@@ -64,6 +65,9 @@ class TrainDPConfig:
     batch_size: int = 0  # images per step; 0 = K × photos_per_class
     loss: str = "cosface"
     loss_kwargs: dict[str, float | None] = field(default_factory=dict)  # s, m; missing/None: the loss's defaults
+    # None = HEAD_LR_PER_IMAGE × images per step. Each prototype sees only its 2–3 photos and a 1/batch share
+    # of the mean loss's gradient, so at the backbone's 0.01 it barely leaves its imprint, and a fixed rate
+    # is too large for small batches (bench/accuracy_bench.py, README "Does train-dp pay off?").
     head_lr: float | None = None
     freeze_backbone: bool = False
     projection: bool = False  # head-only mode: also learn a linear projection of the features
@@ -181,7 +185,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         tcfg.steps = cfg.epochs * sampler.steps_per_epoch
     train_backbone = not cfg.freeze_backbone and (cfg.data is not None or cfg.projection)
     loss_options = resolve_loss_options(cfg.loss, cfg.loss_kwargs)
-    head = DPHead(k, dim, build_loss(cfg.loss, **loss_options), lr=cfg.head_lr or tcfg.lr,
+    head_lr = cfg.head_lr or HEAD_LR_PER_IMAGE * batch_classes * per_class
+    head = DPHead(k, dim, build_loss(cfg.loss, **loss_options), lr=head_lr,
                   momentum=tcfg.momentum, device=device)
     modules: dict[str, nn.Module] = {"backbone": model} if train_backbone else {}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}] if train_backbone else []
@@ -264,7 +269,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         source.close()
     summary = {
         "out": str(out), "store": str(store_dir), "head": cfg.head, "classes": k, "sampled": sampler.sampled,
-        "batch_classes": batch_classes, "loss": {"name": cfg.loss, **loss_options}, "identities": n,
+        "batch_classes": batch_classes, "loss": {"name": cfg.loss, **loss_options}, "head_lr": head_lr,
+        "identities": n,
         "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
         "wait_for_data_s": streamer.wait_s, "store_write_cache_rows": store.write_cache_rows,
