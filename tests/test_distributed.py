@@ -1,0 +1,137 @@
+"""The Partial FC classifier across 2 gloo processes equals the same run in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from lblctl.core.dist import DistEnv, from_environ, shard_range
+from lblctl.core.errors import LblError
+from lblctl.models.losses import ArcFaceLoss, CosFaceLoss
+from lblctl.models.partial_fc import ShardedMarginSoftmax, initial_rows
+
+from .conftest import ORL
+
+CLASSES, PER_CLASS, SIDE, DIM, STEPS, BATCH = 11, 4, 16, 32, 12, 8
+
+
+def _faces() -> tuple[torch.Tensor, torch.Tensor]:
+    """ORL photos of 11 people, 16×16 grey, flattened: real inputs for a tiny linear backbone."""
+    from PIL import Image
+
+    x, y = [], []
+    for label in range(CLASSES):
+        for k in range(PER_CLASS):
+            img = Image.open(ORL / f"s{label + 1}" / f"{k + 1}.pgm").convert("L").resize((SIDE, SIDE))
+            x.append(np.asarray(img, np.float32).reshape(-1) / 255.0 - 0.5)
+            y.append(label)
+    return torch.from_numpy(np.stack(x)), torch.tensor(y)
+
+
+def _train(env: DistEnv, loss: str) -> dict[str, object]:
+    """STEPS SGD steps of a linear backbone (DDP when W > 1) + the sharded head on global batches."""
+    torch.manual_seed(0)
+    x, y = _faces()
+    backbone: nn.Module = nn.Linear(SIDE * SIDE, DIM, bias=False)
+    head = ShardedMarginSoftmax(ArcFaceLoss() if loss == "arcface" else CosFaceLoss(), CLASSES, DIM, env, seed=3)
+    if env.active:
+        backbone = nn.parallel.DistributedDataParallel(backbone)
+    opt = torch.optim.SGD([*backbone.parameters(), head.weight], lr=0.05, momentum=0.9)
+    order = np.random.default_rng(1).permutation(len(y))
+    losses, accs = [], []
+    per_rank = BATCH // env.world_size
+    for step in range(STEPS):
+        batch = np.take(order, np.arange(step * BATCH, (step + 1) * BATCH), mode="wrap")
+        mine = batch[env.rank * per_rank:(env.rank + 1) * per_rank]
+        out = head(backbone(x[mine]), y[mine])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        accs.append(float(out.accuracy))
+    core = backbone.module if env.active else backbone
+    return {"losses": losses, "accs": accs, "backbone": core.weight.detach().clone(),
+            "rows": (head.start, head.stop), "head": head.weight.detach().clone()}
+
+
+def _worker(rank: int, world: int, port: int, loss: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_train(DistEnv(rank, world, rank), loss), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("loss", ["cosface", "arcface"])
+def test_two_ranks_equal_one(tmp_path: Path, loss: str) -> None:
+    torch.set_num_threads(1)
+    ref = _train(DistEnv(), loss)
+    mp.spawn(_worker, args=(2, _free_port(), loss, str(tmp_path / "r")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"r.{r}", weights_only=True) for r in range(2)]
+    assert ranks[0]["rows"] == (0, 6) and ranks[1]["rows"] == (6, 11)  # 11 classes: 6 + 5 rows
+    for r in ranks:
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
+        np.testing.assert_allclose(r["accs"], ref["accs"])
+        torch.testing.assert_close(r["backbone"], ref["backbone"], rtol=1e-5, atol=1e-6)
+    # the classifier rows see float32 sums in another order (all-reduced over ranks); with ArcFace's s = 64
+    # that moves a few entries by ~2e-5 after 12 steps
+    torch.testing.assert_close(torch.cat([r["head"] for r in ranks]), ref["head"], rtol=1e-5, atol=5e-5)
+    # it learns, so the comparison is not between two runs that do nothing
+    assert np.mean(ref["losses"][-4:]) < np.mean(ref["losses"][:4])
+
+
+def test_one_process_is_plain_cross_entropy() -> None:
+    """World 1: the distributed softmax is torch's cross-entropy over s·(margin cosines)."""
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 8, requires_grad=True), torch.tensor([0, 3, 2, 3, 1, 0])
+    head = ShardedMarginSoftmax(CosFaceLoss(s=16.0, m=0.3), 4, 8)
+    cos = nn.functional.normalize(emb, dim=1) @ nn.functional.normalize(head.weight, dim=1).T
+    logits = 16.0 * (cos - 0.3 * nn.functional.one_hot(labels, 4))
+    expect = nn.functional.cross_entropy(logits, labels)
+    got = head(emb, labels).loss
+    torch.testing.assert_close(got, expect)
+    g1, = torch.autograd.grad(got, emb)
+    g2, = torch.autograd.grad(expect, emb)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_initial_rows_do_not_depend_on_the_split() -> None:
+    full = initial_rows(0, 9000, 4, seed=7)
+    parts = [initial_rows(*shard_range(9000, r, 3), 4, seed=7) for r in range(3)]
+    torch.testing.assert_close(torch.cat(parts), full)
+    assert not torch.equal(initial_rows(0, 10, 4, seed=8), full[:10])
+
+
+def test_shard_range_covers_every_row_once() -> None:
+    for n in (0, 1, 7, 10, 1001):
+        for w in (1, 2, 3, 8):
+            ranges = [shard_range(n, r, w) for r in range(w)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_environment() -> None:
+    assert from_environ({}) == DistEnv()
+    env = from_environ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert env == DistEnv(1, 4, 1) and env.active and not env.is_main
+    with pytest.raises(LblError, match="RANK=4"):
+        from_environ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    with pytest.raises(LblError, match="integers"):
+        from_environ({"RANK": "x", "WORLD_SIZE": "2"})
