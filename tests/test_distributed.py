@@ -135,3 +135,49 @@ def test_environment() -> None:
         from_environ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     with pytest.raises(LblError, match="integers"):
         from_environ({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+# ----------------------------------------------------------------------------- the real CLI under torchrun
+def _torchrun(tmp_path: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
+              nproc: int = 2) -> subprocess.CompletedProcess:
+    data = copy_slice(tmp_path / "faces", lfw_identities(4, 10), 4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(Path(__file__).with_name("torchrun_pretrain.py")), "--data", str(data), "--out", str(out),
+           "--arch", "small_cnn", "--input-size", "32", "--width", "8", "--embedding-size", "32",
+           "--batch-size", "8", "--steps", "4", "--checkpoint-every", "2", "--val-fraction", "0.2",
+           "--device", "cpu", "--workers", "0", "--quiet", *extra]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=run_env)
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun(tmp_path: Path) -> None:
+    """2 processes: rank 0 writes the run, every rank its checkpoint shard; another world size is refused."""
+    out = tmp_path / "run"
+    res = _torchrun(tmp_path, out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "step_00000004.pt" in ckpts and "step_00000004.rank1.pt" in ckpts
+    main_ckpt = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
+    shard = torch.load(out / "checkpoints" / "step_00000004.rank1.pt", weights_only=True)
+    assert main_ckpt["world_size"] == 2
+    rows0, rows1 = main_ckpt["modules"]["head"]["weight"], shard["modules"]["head"]["weight"]
+    assert rows0.shape[0] + rows1.shape[0] == main_ckpt["extra"]["identities"] - 2  # 8 trained, 2 held out
+    # DDP keeps the weights equal; BatchNorm's running statistics are each rank's own (rank 0's are saved)
+    weights = [{k: v for k, v in c["modules"]["backbone"].items() if "running" not in k and "batches" not in k}
+               for c in (main_ckpt, shard)]
+    torch.testing.assert_close(weights[0], weights[1])
+    assert (out / "backbone.pt").exists() and (out / "manifest.json").exists()
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [4]  # one writer: rank 0
+    again = _torchrun(tmp_path, out, "--resume", "--steps", "6", nproc=1)
+    assert again.returncode != 0  # torchrun's own status when a process fails
+    assert "made by 2 processes, now 1" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job(tmp_path: Path) -> None:
+    res = _torchrun(tmp_path, tmp_path / "run", env={"LBLCTL_TEST_BREAK_RANK1": "1"})
+    assert res.returncode != 0
+    lines = [x for x in (res.stdout + res.stderr).splitlines() if x.startswith("error:")]
+    assert lines and all("rank 1:" in x and "/nonexistent/photos" in x for x in lines), res.stderr[-2000:]

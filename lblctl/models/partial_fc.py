@@ -100,6 +100,7 @@ class ShardedMarginSoftmax(nn.Module):
         self.num_classes = int(num_classes)
         self.start, self.stop = shard_range(num_classes, self.env.rank, self.env.world_size)
         self.weight = nn.Parameter(initial_rows(self.start, self.stop, embedding_size, seed))
+        self.weight.sharded = True  # its gradient norm is summed over ranks when clipping (the engine)
         # its own process group: collectives issued from autograd (here) and by DDP's gradient
         # hooks on one group could be ordered differently on two ranks and deadlock
         self.group = _dist().new_group() if self.env.active else None

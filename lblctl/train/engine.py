@@ -230,7 +230,9 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if self.cfg.grad_clip > 0 and params:
+        if self.env.active:
+            norm = _clip_sharded(params, self.cfg.grad_clip)
+        elif self.cfg.grad_clip > 0 and params:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))) \
@@ -425,6 +427,42 @@ class Trainer:
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
     return found[-1] if found else None
+
+
+def rank_file(path: Path, env: DistEnv) -> Path:
+    """Where ``env``'s rank keeps its part of checkpoint ``path`` (rank 0: ``path`` itself)."""
+    return path if env.rank == 0 else path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")
+
+
+def _checkpoints(folder: Path, rank: int) -> list[Path]:
+    if rank == 0:
+        return sorted(p for p in folder.glob("step_*.pt") if ".rank" not in p.name)
+    return sorted(folder.glob(f"step_*.rank{rank}.pt"))
+
+
+def _clip_sharded(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip by the global gradient norm when some parameters are split over the ranks (``sharded``):
+    their squared norms are summed over ranks, the replicated ones (DDP-averaged) counted once, so
+    every rank scales by the same factor, the one a single process would use."""
+    import torch.distributed as dist
+
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
+    for p in params:
+        sq[int(getattr(p, "sharded", False))] += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq[1])
+    norm = float((sq[0] + sq[1]).sqrt())  # one sync a step, as the single-process clip has
+    if max_norm > 0 and norm > max_norm:
+        for p in params:
+            p.grad.detach().mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.active:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
