@@ -45,6 +45,8 @@ GradClip = Annotated[float, Opt(help="Max gradient norm (0 = off).")]
 Amp = Annotated[str, Opt(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
 CheckpointEvery = Annotated[int, Opt(help="Checkpoint every N steps (0 = at the end only).")]
 LogEvery = Annotated[int, Opt(help="Write log.jsonl every N steps.")]
+Nproc = Annotated[int, Opt("--nproc", help="Run N processes on this machine: starts torchrun (N GPUs, or N CPU "
+                           "processes with gloo).")]
 Tensorboard = Annotated[bool, Opt("--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (needs the "
                                   "optional 'tensorboard' package: lblctl[tb]).")]
 

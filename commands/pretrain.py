@@ -1,19 +1,14 @@
 """Train a backbone with a margin softmax, centre, pair-verification or triplet loss.
 
-Reads identity folders DATA/IDENTITY/IMAGE (or a CSV identity,image[,kind]) and writes
-OUT/backbone.pt (architecture + preprocessing + weights), OUT/checkpoints/, OUT/log.jsonl and
-OUT/manifest.json. A held-out set of identities gives a verification accuracy after each epoch.
+Reads identity folders DATA/IDENTITY/IMAGE (a CSV identity,image[,kind] or an insightface .rec folder) and
+writes OUT/backbone.pt (architecture + preprocessing + weights), OUT/checkpoints/, OUT/log.jsonl, OUT/curves.png
+and OUT/manifest.json. Held-out identities give a verification accuracy after each epoch. A killed run goes on
+with the same command plus --resume; --init starts from a backbone; --nproc N runs N processes (torchrun).
 
-Example (CPU, a few minutes, on the shipped demo faces):
+Examples (CPU, a few minutes, on the shipped demo faces; triplet and pair need P identities × K photos):
 
     lblctl pretrain --data examples/data/faces --out run --arch small_cnn --input-size 48 --center-crop 0.6 --epochs 3
-
-Other losses (ArcFace; triplet and pair need P identities × K photos per batch):
-
-    lblctl pretrain --data examples/data/faces --out run-arc --input-size 48 --center-crop 0.6 --epochs 3 --loss arcface -s 32 -m 0.5
     lblctl pretrain --data examples/data/faces --out run-tri --input-size 48 --center-crop 0.6 --epochs 3 --loss triplet --pk-identities 16 --pk-images 4
-
-Continue a killed run with the same command plus --resume.
 """
 
 from __future__ import annotations
@@ -80,13 +75,16 @@ def main(
     workers: o.Workers = -1,
     resume: o.Resume = False,
     tensorboard: o.Tensorboard = False,
+    nproc: o.Nproc = 1,
     *,
     common: Common,
 ):
+    from lblctl.cli import relaunch
     from lblctl.core.runtime import default_workers
     from lblctl.stages.pretrain import PretrainConfig, run
     from lblctl.train.engine import TrainConfig
 
+    relaunch(nproc)
     loss_kwargs = {"s": scale, "m": margin, "m1": m1, "m2": m2, "m3": m3, "head": head, "center_alpha": center_alpha,
                    "center_weight": center_weight, "pair_weight": pair_weight, "triplet_margin": triplet_margin,
                    "mining": mining}
@@ -96,7 +94,6 @@ def main(
     return run(PretrainConfig(
         data=data, out=out, arch=arch, embedding_size=embedding_size, input_size=input_size or None,
         center_crop=center_crop, arch_kwargs={"width": width} if arch in ("small_cnn", "") else {}, init=init,
-        loss=loss,
-        loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None}, batch_size=batch_size,
+        loss=loss, loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None}, batch_size=batch_size,
         pk_identities=pk_identities, pk_images=pk_images, epochs=epochs or None, val_fraction=val_fraction,
         min_images=min_images, workers=default_workers(workers), resume=resume, train=train), common.device)

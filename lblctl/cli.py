@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 MARKUP = "markdown"
+ARGV: list[str] = []  # this invocation's arguments (``--nproc`` relaunches them under torchrun)
 
 
 class LazyStages(TyperGroup):
@@ -131,16 +132,34 @@ def interrupt_message(args: list[str]) -> str:
     return f"interrupted: saved {saved}; continue with:\n  {again}"
 
 
+def relaunch(nproc: int) -> None:
+    """``--nproc N`` outside torchrun: run this same command under torchrun and end with its status."""
+    import os
+
+    if nproc > 1 and "RANK" not in os.environ:
+        from lblctl.core.dist import launch
+
+        raise typer.Exit(launch(nproc, ARGV))
+
+
+def _rank_prefix() -> str:
+    """``rank R: `` under torchrun, so that one rank's error names it (torchrun then ends the others)."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line ``error: …`` and exit 2 for user errors; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
+    ARGV[:] = args
     debug = "--debug" in args
     try:
         rc = app(args=args, prog_name="lblctl", standalone_mode=False)
     except LblError as exc:
         if debug:
             raise
-        ui.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        ui.console.print(f"[red]error:[/red] {_rank_prefix()}{exc}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from lblctl.core.errors import LblError
 from lblctl.models.losses import ArcFaceLoss, CosFaceLoss
 from lblctl.models.partial_fc import ShardedMarginSoftmax, initial_rows
 
-from .conftest import ORL
+from .conftest import ORL, copy_slice, lfw_identities
 
 CLASSES, PER_CLASS, SIDE, DIM, STEPS, BATCH = 11, 4, 16, 32, 12, 8
 
@@ -139,10 +142,12 @@ def test_environment() -> None:
 
 # ----------------------------------------------------------------------------- the real CLI under torchrun
 def _torchrun(tmp_path: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
-              nproc: int = 2) -> subprocess.CompletedProcess:
+              nproc: int = 2, via_nproc: bool = False) -> subprocess.CompletedProcess:
     data = copy_slice(tmp_path / "faces", lfw_identities(4, 10), 4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).with_name("torchrun_pretrain.py")), "--data", str(data), "--out", str(out),
+    script = str(Path(__file__).with_name("torchrun_pretrain.py"))
+    launcher = ([sys.executable, "-m", "lblctl", "pretrain", f"--nproc={nproc}"] if via_nproc else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script])
+    cmd = [*launcher, "--data", str(data), "--out", str(out),
            "--arch", "small_cnn", "--input-size", "32", "--width", "8", "--embedding-size", "32",
            "--batch-size", "8", "--steps", "4", "--checkpoint-every", "2", "--val-fraction", "0.2",
            "--device", "cpu", "--workers", "0", "--quiet", *extra]
@@ -154,7 +159,7 @@ def _torchrun(tmp_path: Path, out: Path, *extra: str, env: dict[str, str] | None
 def test_pretrain_under_torchrun(tmp_path: Path) -> None:
     """2 processes: rank 0 writes the run, every rank its checkpoint shard; another world size is refused."""
     out = tmp_path / "run"
-    res = _torchrun(tmp_path, out)
+    res = _torchrun(tmp_path, out, via_nproc=True)  # lblctl pretrain --nproc 2 starts torchrun itself
     assert res.returncode == 0, res.stderr[-2000:]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "step_00000004.pt" in ckpts and "step_00000004.rank1.pt" in ckpts

@@ -81,6 +81,29 @@ def local_device(env: DistEnv, requested: str) -> str:
     return requested
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """``--nproc N`` on one machine: run this same command under ``torchrun --standalone`` (N processes).
+
+    Returns torchrun's exit status. ``--nproc`` and its value are dropped from the relaunched command.
+    """
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = i + 1 < len(argv)
+            continue
+        if not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
+           "-m", "lblctl", *args]
+    return subprocess.call(cmd)
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 

@@ -13,14 +13,22 @@ averages the backbone's gradients over the W ranks.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lblctl.core.dist import DistEnv, shard_range
-from lblctl.models.losses import _MarginHead
+from lblctl.core.errors import LblError
+from lblctl.models.losses import (
+    HEAD_DEFAULTS,
+    MARGIN_HEADS,
+    ObjectiveOutput,
+    _MarginHead,
+    build_loss,
+    resolve_loss_options,
+)
 
 INIT_CHUNK = 4096  # rows per seeded block of the initial weights: the same rows on any world size
 
@@ -32,21 +40,28 @@ def _dist():
 
 
 class _AllGather(torch.autograd.Function):
-    """Concatenate every rank's equally sized batch; backward: the summed gradient of my rows × W."""
+    """Concatenate every rank's batch (sizes may differ); backward: the summed gradient of my rows × W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, world: int, rank: int, group) -> torch.Tensor:  # noqa: ANN001
-        ctx.world, ctx.rank, ctx.rows, ctx.group = world, rank, x.shape[0], group
-        parts = [torch.empty_like(x) for _ in range(world)]
-        _dist().all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group, ctx.world = group, len(sizes)
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return torch.cat(_gather_padded(x, sizes, group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         grad = grad.contiguous()
         _dist().all_reduce(grad, group=ctx.group)
-        mine = grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-        return mine * ctx.world, None, None, None
+        return grad[ctx.start : ctx.stop] * ctx.world, None, None, None
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:  # noqa: ANN001
+    """Every rank's ``x`` (rows ``sizes[r]``), padded to the largest for the collective, then cut back."""
+    most = max(sizes)
+    pad = torch.zeros((most - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    parts = [torch.empty((most, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in sizes]
+    _dist().all_gather(parts, torch.cat([x.detach(), pad]).contiguous(), group=group)
+    return [p[:n] for p, n in zip(parts, sizes, strict=True)]
 
 
 class _DistCrossEntropy(torch.autograd.Function):
@@ -89,8 +104,8 @@ class ShardedOutput(NamedTuple):
 class ShardedMarginSoftmax(nn.Module):
     """This rank's rows of an N-class margin softmax (CosFace, ArcFace, combined margins).
 
-    ``forward(local_embeddings, local_labels)`` takes this rank's part of the batch (every rank
-    the same size) and returns the global batch's loss and accuracy, identical on every rank.
+    ``forward(local_embeddings, local_labels)`` takes this rank's part of the batch and returns
+    the global batch's loss and accuracy, identical on every rank.
     """
 
     def __init__(self, head: _MarginHead, num_classes: int, embedding_size: int, env: DistEnv | None = None,
@@ -106,12 +121,15 @@ class ShardedMarginSoftmax(nn.Module):
         self.group = _dist().new_group() if self.env.active else None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ShardedOutput:
+        """``embeddings``/``labels``: this rank's part of the batch (ranks may hold different counts)."""
         world, rank = self.env.world_size, self.env.rank
         if world > 1:
-            embeddings = _AllGather.apply(embeddings.float(), world, rank, self.group)
-            parts = [torch.empty_like(labels) for _ in range(world)]
-            _dist().all_gather(parts, labels.contiguous(), group=self.group)
-            labels = torch.cat(parts)
+            count = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+            counts = [torch.empty_like(count) for _ in range(world)]
+            _dist().all_gather(counts, count, group=self.group)
+            sizes = [int(c) for c in counts]  # one small sync per step: batches may lose unreadable images
+            embeddings = _AllGather.apply(embeddings.float(), sizes, rank, self.group)
+            labels = torch.cat(_gather_padded(labels, sizes, self.group))
         cosine = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
         cosine = cosine.clamp(-1.0, 1.0)
         local = (labels >= self.start) & (labels < self.stop)
@@ -142,3 +160,29 @@ def initial_rows(start: int, stop: int, embedding_size: int, seed: int) -> torch
         a, b = max(start, lo), min(stop, lo + INIT_CHUNK)
         out[a - start : b - start] = block[a - lo : b - lo]
     return out
+
+
+class ShardedObjective(nn.Module):
+    """``pretrain``'s objective for a plain margin softmax (cosface, arcface, combined), on any world size.
+
+    The same interface as :class:`lblctl.models.losses.Objective`; its classifier is checkpointed
+    as ``head`` (this rank's rows), as the single-process classifier always was.
+    """
+
+    def __init__(self, name: str, num_classes: int, embedding_size: int, options: dict[str, Any],
+                 env: DistEnv | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if name not in MARGIN_HEADS:
+            raise LblError(f"--loss {name}: under torchrun only {', '.join(MARGIN_HEADS)} shard their classifier")
+        opts = resolve_loss_options(name, options)
+        self.name, self.options = name, opts
+        self.classifier = ShardedMarginSoftmax(build_loss(name, **{k: opts[k] for k in HEAD_DEFAULTS[name]}),
+                                               num_classes, embedding_size, env, seed)
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {"head": self.classifier}
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
+        out = self.classifier(embeddings, labels)
+        return ObjectiveOutput(out.loss, {"train_accuracy": float(out.accuracy),
+                                          "softmax_loss": float(out.loss.detach())})

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from lblctl.core import dist as dist_env
 from lblctl.core import ui
 from lblctl.core.artifacts import describe_input, write_manifest
 from lblctl.core.errors import LblError
@@ -34,9 +36,10 @@ from lblctl.models.backbones import create_backbone, default_input_size
 from lblctl.models.checkpoint import FILENAME, Backbone, save_backbone
 from lblctl.models.embed import embed_paths
 from lblctl.models.init import apply_init, manifest_arch_kwargs
-from lblctl.models.losses import NEEDS_PK, Objective, resolve_loss_options
+from lblctl.models.losses import MARGIN_HEADS, NEEDS_PK, Objective, resolve_loss_options
+from lblctl.models.partial_fc import ShardedObjective
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
-from lblctl.train.samplers import PKBatchSampler
+from lblctl.train.samplers import PKBatchSampler, RankSlice
 
 
 @dataclass
@@ -134,14 +137,32 @@ def batch_size_of(cfg: PretrainConfig) -> int:
 
 
 def run(cfg: PretrainConfig, device: torch.device | str = "auto") -> Summary:
-    """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest."""
-    return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), as_device(device)))
+    """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the backbone is data parallel (DDP), each rank
+    takes its slice of every global batch and holds N/world rows of the classifier; rank 0 alone
+    writes the backbone, the log, the manifest and prints.
+    """
+    env = dist_env.from_environ()
+    if env.active:
+        if not isinstance(device, torch.device):
+            device = dist_env.local_device(env, device)
+        dist_env.init(env, as_device(device).type)
+        if not env.is_main:
+            ui.set_quiet(True)
+    return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), as_device(device), env))
 
 
-def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | None = None) -> dict[str, Any]:
     """Train, write ``OUT/backbone.pt``, checkpoints, ``log.jsonl`` and the manifest; return a summary."""
+    env = env or dist_env.DistEnv()
     if not cfg.batch_size:  # run() applies the whole P×K rule; here only the default
         cfg = replace(cfg, batch_size=batch_size_of(cfg))
+    if env.active and cfg.loss not in MARGIN_HEADS:
+        raise LblError(f"--loss {cfg.loss}: under torchrun only {', '.join(MARGIN_HEADS)} shard their classifier")
+    if env.active and cfg.batch_size % env.world_size:
+        raise LblError(f"--batch-size {cfg.batch_size}: must be a multiple of the {env.world_size} processes "
+                       "(each takes an equal slice of every batch)")
     out = Path(cfg.out)
     use_pk = check_loss_options(cfg)
     init = apply_init(cfg, device)  # before any data is read: a wrong --init is one error
@@ -174,13 +195,21 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
 
     model = (init.model if init is not None else
              create_backbone(cfg.arch, cfg.embedding_size, input_size, **cfg.arch_kwargs)).to(device)
-    objective = Objective(cfg.loss, len(train_ids), cfg.embedding_size, cfg.loss_kwargs).to(device)
+    if cfg.loss in MARGIN_HEADS:  # the classifier split by rank (one rank: all of it)
+        objective: nn.Module = ShardedObjective(cfg.loss, len(train_ids), cfg.embedding_size, cfg.loss_kwargs, env,
+                                                seed=cfg.train.seed).to(device)
+    else:
+        objective = Objective(cfg.loss, len(train_ids), cfg.embedding_size, cfg.loss_kwargs).to(device)
+    forward = model
+    if env.active:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
     state = objective.state_modules()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     loss_params = [p for m in state.values() for p in m.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "weight_decay": 0.0})
-    trainer = Trainer(tcfg, device, {"backbone": model, **state}, groups, out)
+    trainer = Trainer(tcfg, device, {"backbone": model, **state}, groups, out, env=env)
     data_fp = describe_input(cfg.data)
     loss_state = {"loss": cfg.loss, "loss_kwargs": dict(objective.options),
                   "pk": [cfg.pk_identities, cfg.pk_images], "arch": cfg.arch}
@@ -215,6 +244,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
                                      start=start)
         else:
             sampler = EpochBatchSampler(len(rows), cfg.batch_size, tcfg.seed, epoch=epoch, start=start)
+        if env.active:
+            sampler = RankSlice(sampler, env)
         return make_loader(dataset, batch_sampler=sampler, workers=cfg.workers)
 
     def compute(batch) -> StepResult | None:
@@ -222,21 +253,25 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
             if p.path not in seen_bad:
                 seen_bad.add(p.path)
                 problems.add(p.path, p.reason)
-        if len(batch) < 2:
+        if len(batch) < 2 and not env.active:  # under torchrun every rank must join every step
             return None
         images = batch.images.to(device, non_blocking=True)
-        if cfg.flip_augment:
-            flip = torch.rand(len(images), generator=trainer.aug) < 0.5
+        if cfg.flip_augment:  # drawn for the whole global batch, so that W ranks flip what 1 rank would
+            n = cfg.batch_size if env.active else len(images)
+            first = env.rank * (n // env.world_size)
+            flip = (torch.rand(n, generator=trainer.aug) < 0.5)[first:first + len(images)]
             images[flip.to(device)] = images[flip.to(device)].flip(-1)
         y = batch.labels.to(device)
         with trainer.autocast():
-            emb = model(images)
+            emb = forward(images)
         out_ = objective(emb.float(), y)
         return StepResult(out_.loss, len(y), out_.metrics)
 
     val_pairs, val_same = validation_pairs(index, val_ids, cfg.val_max_pairs, tcfg.seed)
 
     def on_epoch_end(epoch: int) -> dict[str, Any]:
+        if not env.is_main:
+            return {}
         live = Backbone(model, cfg.arch, cfg.embedding_size, preprocess, "", out / FILENAME, device)  # in training
         res = evaluate_pairs(live, index, val_pairs, val_same, batch_size=cfg.batch_size, workers=cfg.workers)
         if res:
@@ -248,6 +283,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
                         description="pretrain")
     val = stats.get("last_epoch") or on_epoch_end(trainer.epoch)
 
+    if not env.is_main:  # rank 0 writes what the run leaves behind
+        return {"rank": env.rank, **stats}
     fingerprint = save_backbone(out / FILENAME, model, arch=cfg.arch, embedding_size=cfg.embedding_size,
                                 preprocess=preprocess, arch_kwargs=cfg.arch_kwargs,
                                 extra={"loss": cfg.loss, "loss_kwargs": dict(objective.options),
@@ -263,7 +300,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
         "train_identities": int(len(train_ids)), "train_images": int(len(rows)),
         "val_identities": int(len(val_ids)), **stats, **val,
         "problems": problems.summary(),
-        "device": str(device),
+        "device": str(device), "processes": env.world_size,
     }
     summary["loss"] = cfg.loss
     summary["loss_options"] = dict(objective.options)

@@ -25,6 +25,7 @@ from torch import nn
 
 from lblctl.core import ui
 from lblctl.core.artifacts import atomic_open
+from lblctl.core.dist import DistEnv
 from lblctl.core.errors import IncompatibleArtifact, LblError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -175,12 +176,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, modules: dict[str, nn.Module],
                  param_groups: list[dict[str, Any]], out_dir: str | os.PathLike,
-                 extra_optimizers: list[torch.optim.Optimizer] | tuple[()] = ()) -> None:
+                 extra_optimizers: list[torch.optim.Optimizer] | tuple[()] = (), env: DistEnv | None = None) -> None:
         """``extra_optimizers``: optimisers a module owns (train-dp's DP head), stepped, loss-scaled,
         clipped and scheduled with the engine's own; their state lives with their module, so only
-        the first optimiser is checkpointed. ``param_groups`` may be empty when they are given."""
+        the first optimiser is checkpointed. ``param_groups`` may be empty when they are given.
+        ``env``: under torchrun every rank checkpoints its own state (its classifier shard), rank 0
+        last, and only rank 0 writes the log and the curves."""
         cfg.validate()
         self.cfg, self.device, self.modules = cfg, device, modules
+        self.env = env or DistEnv()
         self.out_dir = Path(out_dir)
         self.optimizers: list[torch.optim.Optimizer] = []
         for group in param_groups:
@@ -253,6 +257,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "format": "lblctl-checkpoint/1",
+            "world_size": self.env.world_size,
             "step": self.step,
             "epoch": self.epoch,
             "epoch_batch": self.epoch_batch,
@@ -283,13 +288,21 @@ class Trainer:
             self.before_checkpoint()
         folder = self.out_dir / CHECKPOINT_DIR
         path = folder / f"step_{self.step:08d}.pt"
-        with atomic_open(path, "wb") as fh:
-            torch.save(self.state_dict(), fh)
+        mine = rank_file(path, self.env)
+        if not self.env.is_main:  # every shard is on disk before rank 0 writes the file that makes it a checkpoint
+            with atomic_open(mine, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+        _barrier(self.env)
+        if self.env.is_main:
+            with atomic_open(path, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+        _barrier(self.env)
         if self.after_checkpoint is not None:
             self.after_checkpoint(self.step)
-        for old in sorted(folder.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
+        for old in _checkpoints(folder, self.env.rank)[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
-        self._draw_curves()
+        if self.env.is_main:
+            self._draw_curves()
         return path
 
     def _draw_curves(self) -> None:
@@ -310,7 +323,11 @@ class Trainer:
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return 0
-        state = load_checkpoint(path)
+        state = load_checkpoint(rank_file(path, self.env))
+        if state.get("world_size", 1) != self.env.world_size:
+            raise IncompatibleArtifact(
+                f"--resume: checkpoint {path} was made by {state.get('world_size', 1)} processes, now "
+                f"{self.env.world_size}; resume with the same number (the classifier is split by rank)")
         saved = state["config"]
         for key in ("steps", "lr", "optimizer", "schedule", "seed"):
             if saved.get(key) != getattr(self.cfg, key):
@@ -324,6 +341,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def log(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
         path = self.out_dir / LOG_FILE
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -361,7 +380,10 @@ class Trainer:
         epoch_metrics: dict[str, Any] = {}
         window_samples, window_t0, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
         total_samples, t_start, start_step = 0, time.perf_counter(), self.step
-        with ui.progress("loss", "samples_s") as bar, DeferredInterrupt() as stop:
+        # under torchrun a signal reaches the ranks at different steps: no deferred save (the job
+        # resumes from its last checkpoint, which every rank has committed)
+        interrupts = DeferredInterrupt() if not self.env.active else contextlib.nullcontext(DeferredInterrupt())
+        with ui.progress("loss", "samples_s") as bar, interrupts as stop:
             task = bar.add_task(description, total=self.cfg.steps, completed=self.step, loss="-", samples_s="-")
             while self.step < self.cfg.steps:
                 consumed = False
@@ -425,7 +447,8 @@ class Trainer:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
+    """The newest complete checkpoint (under torchrun: one that every rank committed)."""
+    found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR, 0)
     return found[-1] if found else None
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from lblctl.core.dist import DistEnv
 from lblctl.core.errors import LblError
 
 
@@ -77,3 +78,22 @@ class PKBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._plan()[self.start:]:
             yield batch.tolist()
+
+
+class RankSlice(Sampler[list[int]]):
+    """This rank's equal slice of every batch another batch sampler draws (torchrun data parallel).
+
+    Every rank draws the same global batches (same seed, epoch, start), so W ranks together see
+    exactly what one process would, and resuming at a batch resumes every rank there.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], env: DistEnv) -> None:
+        self.batches, self.env = batches, env
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            per = len(batch) // self.env.world_size
+            yield list(batch[self.env.rank * per : (self.env.rank + 1) * per])
