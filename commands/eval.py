@@ -1,7 +1,7 @@
 """Measure a backbone: verification on labelled pairs, identification against a gallery.
 
-Verification (--pairs, a CSV id_image,spot_image,same[,fold]): 10-fold accuracy (the CSV's
-fold column when present, as LFW's protocol), ROC, AUC, EER, TAR and threshold at FAR 1e-1 …
+Verification (--pairs, a CSV id_image,spot_image,same[,fold]): k-fold accuracy (--folds, default
+10; the CSV's fold column when present, as LFW's protocol), ROC, AUC, EER, TAR and threshold at FAR 1e-1 …
 1e-6 (null, with the reason, when there are fewer impostor pairs than 1/FAR). Identification:
 top-1 / top-5 of spot photos against ID photos (--data IDS), a gallery CSV (--gallery G.csv
 --probes P.csv, columns identity,image), or the prototypes of a store (--store STORE), searched

@@ -4,7 +4,8 @@ The graph takes N×3×S×S images in [−1, 1] and returns the raw embedding, li
 recognition models; the backbone's preprocessing (input size, centre crop) travels in the
 model's metadata, so --backbone model.onnx embeds like the backbone.pt. The export is checked:
 onnxruntime must match PyTorch within --atol (default 1e-4) on real face photos
-(--check-images) or a fixed random batch, else nothing is written.
+(--check-image, repeatable) or a fixed random batch, else nothing is written. Export runs on the
+CPU (the graph does not depend on the device), so it has no --device option.
 
 Example:
 

@@ -16,27 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from lblctl.stages.pack import PackConfig, run
-
-from ._common import Debug, Json, Quiet, finish, start
-
-SHORT_HELP = "Pack identity folders into an insightface .rec set (train.rec/.idx/property)."
+from ._common import Common, Opt, stage_command
 
 
+@stage_command("pack", device=False)
 def main(
-    data: Annotated[Path, typer.Option("--data", help="Identity folders DATA/IDENTITY/IMAGE, a CSV "
-                                       "identity,image[,kind] or another .rec folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write train.rec, train.idx, property into.")],
-    encode: Annotated[str, typer.Option(help="keep (JPEG/PNG bytes as they are, others → PNG), png or jpg.")]
-    = "keep",
-    quality: Annotated[int, typer.Option(help="JPEG quality with --encode jpg.")] = 95,
-    min_images: Annotated[int, typer.Option(help="Skip identities with fewer photos.")] = 1,
-    json_out: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
-    start("cpu", 0, quiet)
-    finish(run(PackConfig(data=data, out=out, encode=encode, quality=quality, min_images=min_images)),
-           "pack", json_out)
+    data: Annotated[Path, Opt("--data", help="Identity folders DATA/IDENTITY/IMAGE, a CSV identity,image[,kind] "
+                              "or another .rec folder.")],
+    out: Annotated[Path, Opt("--out", help="Folder to write train.rec, train.idx, property into.")],
+    encode: Annotated[str, Opt(help="keep (JPEG/PNG bytes as they are, others → PNG), png or jpg.")] = "keep",
+    quality: Annotated[int, Opt(help="JPEG quality with --encode jpg.")] = 95,
+    min_images: Annotated[int, Opt(help="Skip identities with fewer photos.")] = 1,
+    *,
+    common: Common,
+):
+    from lblctl.stages.pack import PackConfig, run
+
+    return run(PackConfig(data=data, out=out, encode=encode, quality=quality, min_images=min_images))

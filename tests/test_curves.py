@@ -14,7 +14,7 @@ from PIL import Image
 from lblctl.core.errors import LblError
 from lblctl.core.metrics import roc_curve
 from lblctl.stages.compare import ROC_NPZ, compare_reports, thin_roc
-from lblctl.stages.evaluate import EvalConfig, evaluate
+from lblctl.stages.evaluate import EvalConfig, run
 from lblctl.stages.pretrain import PretrainConfig, pretrain
 from lblctl.train.curves import CURVES_PNG, TB_DIR, read_log, series, write_curves
 from lblctl.train.engine import LOG_FILE, TrainConfig, Trainer
@@ -99,7 +99,7 @@ def test_roc_is_saved_and_compared(tmp_path: Path, capsys: pytest.CaptureFixture
     for seed in (0, 1):
         bb = make_backbone(tmp_path / f"bb{seed}" / "backbone.pt", seed=seed)
         report = tmp_path / f"report{seed}"
-        evaluate(EvalConfig(backbone=bb, out=report, pairs=pairs, workers=0), CPU)
+        run(EvalConfig(backbone=bb, out=report, pairs=pairs, workers=0), CPU)
         with np.load(report / ROC_NPZ) as z:
             metrics = json.loads((report / "metrics.json").read_text())["verification"]
             assert int(z["genuine"]) + int(z["impostor"]) == metrics["pairs"]

@@ -413,10 +413,14 @@ def test_align_takes_gif_and_reports_files_it_skips(capsys: pytest.CaptureFixtur
         report = {r["image"]: r for r in csv.DictReader(fh)}
     assert report[f"{person.name}/spot_gif.gif"]["status"] == "aligned"
     assert json.loads(out)["skipped_files"] == 1
-    with open(tmp_path / "al" / "skipped.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["image"] for r in rows] == [f"{person.name}/notes.txt"]
-    assert rows[0]["status"].startswith("skipped: not an image type")
+    skipped = [r for r in report.values() if r["status"] == "skipped"]
+    assert [r["image"] for r in skipped] == [f"{person.name}/notes.txt"]
+    assert skipped[0]["reason"].startswith("not an image type")
+    # a second run reads its own report back: the skipped row is reported again, nothing is re-aligned
+    code, out, err = run_cli(capsys, "align", "--data", str(faces), "--out", str(tmp_path / "al"), "--detector",
+                             "none", "--json", "--workers", "1")
+    assert code == 0, err
+    assert json.loads(out)["this_run"]["processed"] == 0 and json.loads(out)["skipped_files"] == 1
 
 
 # ---------------------------------------------------------------------- 10: reasons never round across the limit

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,7 +156,7 @@ def initial_rows(start: int, stop: int, embedding_size: int, seed: int) -> torch
     out = torch.empty(stop - start, embedding_size)
     for chunk in range(start // INIT_CHUNK, (stop - 1) // INIT_CHUNK + 1 if stop > start else 0):
         lo = chunk * INIT_CHUNK
-        gen = torch.Generator().manual_seed((int(seed) << 32) + chunk)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), chunk]).generate_state(1)[0]))
         block = torch.randn(INIT_CHUNK, embedding_size, generator=gen) * 0.01
         a, b = max(start, lo), min(stop, lo + INIT_CHUNK)
         out[a - start : b - start] = block[a - lo : b - lo]

@@ -691,10 +691,14 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     timing = {"seconds": round(ended - started, 2), "startup_s": round(running - started, 2),
               "images_per_s": round(done / (ended - running), 2) if done and ended > running else 0.0}
 
-    counts = _write_report(out, index, state)
+    skipped = skipped_files(index)
+    counts = _write_report(out, index, state, skipped)
     (out / JOURNAL).unlink(missing_ok=True)
     summary = _summary(index, counts, todo, done, timing, cfg, workers, threads, use_cuda, min_score, out)
-    summary["skipped_files"] = _report_skipped(out, index)
+    summary["skipped_files"] = len(skipped)
+    if skipped:
+        ui.warn(f"{len(skipped)} files are not an image type and were skipped (e.g. {skipped[0][0]}); they are "
+                f"the rows with status 'skipped' in {out / REPORT}")
     tree = _tree_fingerprint(index, plan.src_bytes, plan.src_mtime)
     inputs: dict[str, Any] = {"data": {"path": str(Path(cfg.data).resolve()), "fingerprint": tree}}
     if cfg.model and cfg.detector in ("scrfd", "yunet"):
@@ -708,9 +712,6 @@ def _align_locked(cfg: AlignConfig, index: FaceIndex, out: Path, params: dict[st
     return summary
 
 
-SKIPPED_CSV = "skipped.csv"
-
-
 def shown_below(value: float, limit: float, digits: int) -> str:
     """``value`` with the fewest decimals (from ``digits``) that still read below ``limit``: a reason
     never says ``24 px < --min-size 24`` for a 23.58 px face."""
@@ -721,27 +722,15 @@ def shown_below(value: float, limit: float, digits: int) -> str:
     return repr(float(value))
 
 
-def _report_skipped(out: Path, index: FaceIndex) -> int:
-    """Files of the identity folders that are not photos: listed in ``skipped.csv`` and warned about."""
-    skipped = skipped_files(index)
-    (out / SKIPPED_CSV).unlink(missing_ok=True)
-    if skipped:
-        with atomic_open(out / SKIPPED_CSV, "w") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["image", "status"])
-            w.writerows(skipped)
-        ui.warn(f"{len(skipped)} files are not an image type and were skipped (e.g. {skipped[0][0]}); "
-                f"see {out / SKIPPED_CSV}")
-    return len(skipped)
-
-
 def reason_group(reason: str) -> str:
     """``low_score (0.41 < …)`` → ``low_score``; ``unreadable image: truncated image`` → ``truncated image``."""
     return reason.removeprefix("unreadable image: ").split(" (")[0].split(":")[0].strip()
 
 
-def _write_report(out: Path, index: FaceIndex, state: ReportState) -> dict[str, Counter[str]]:
-    """Rebuild ``align_report.csv`` (input order) and ``faces.csv`` from the report + journal lines."""
+def _write_report(out: Path, index: FaceIndex, state: ReportState,
+                  skipped: list[tuple[str, str]]) -> dict[str, Counter[str]]:
+    """Rebuild ``align_report.csv`` (input order, then the ``skipped`` files that are not photos, status
+    ``skipped``) and ``faces.csv`` from the report + journal lines."""
     counts: dict[str, Counter[str]] = {"status": Counter(), "quarantined": Counter(), "failed": Counter()}
     handles = [open(state.files[0], "rb") if state.files[0].is_file() else None,  # noqa: SIM115 - closed below
                Journal(state.files[1]) if state.files[1].is_file() else None]
@@ -767,6 +756,9 @@ def _write_report(out: Path, index: FaceIndex, state: ReportState) -> dict[str, 
                     fw.writerow([f[1], f[3], f[2]])
                 else:
                     counts[f[4]][reason_group(f[5])] += 1
+            for image, reason in skipped:  # never read back as a photo's state (not a status of STATUS_CODE)
+                rep.write(_csv_line([image, image.split("/", 1)[0], "", "", "skipped",
+                                     reason.removeprefix("skipped: ")] + [""] * (len(COLUMNS) - 6)))
     finally:
         for fh in handles:
             if fh is not None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
 from lblctl.core.errors import LblError
+from lblctl.core.summary import Summary
 from lblctl.data.faces import ImageProblem, ProblemLog, open_face_set
 from lblctl.data.recordio import (
     IDX,
@@ -43,7 +43,7 @@ class PackConfig:
     min_images: int = 1
 
 
-def run(cfg: PackConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
+def run(cfg: PackConfig, device: torch.device | str = "cpu") -> Summary:
     """Pack ``cfg.data`` into ``cfg.out``; unreadable images are problems, never a crash."""
     if cfg.encode not in ENCODINGS:
         raise LblError(f"--encode {cfg.encode}: expected keep, png or jpg")
@@ -106,4 +106,4 @@ def run(cfg: PackConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
     write_manifest(out, "recordio", params={k: str(v) for k, v in asdict(cfg).items()},
                    inputs={"data": describe_input(cfg.data)}, files=[REC, IDX, PROPERTY, "problems.csv"],
                    extra={"summary": {k: v for k, v in summary.items() if k != "problems"}})
-    return summary
+    return Summary("pack", summary)
