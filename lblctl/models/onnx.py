@@ -65,18 +65,23 @@ def _session(model: bytes | str, device: torch.device):
     return ort.InferenceSession(model, sess_options=opts, providers=onnx_providers(device.type == "cuda"))
 
 
-def _with_symbolic_batch(model) -> bytes:
-    """The same graph with a symbolic batch dimension on inputs/outputs and no stale inner shapes."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in list(m.graph.input) + list(m.graph.output):
+def lift_batch(model) -> None:
+    """Give ``model`` (in place) a symbolic batch dimension on inputs/outputs and drop stale inner shapes."""
+    for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if len(dims):
             dims[0].ClearField("dim_value")
             dims[0].dim_param = "batch"
-    del m.graph.value_info[:]
+    del model.graph.value_info[:]
+
+
+def _with_symbolic_batch(model) -> bytes:
+    """The same graph with a symbolic batch dimension, serialised (the original is left as it is)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    lift_batch(m)
     return m.SerializeToString()
 
 

@@ -61,15 +61,6 @@ def _inline_identities(model) -> None:
     model.graph.node.extend(keep)
 
 
-def _lift_batch(model) -> None:
-    for vi in list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].ClearField("dim_value")
-            dims[0].dim_param = "batch"
-    del model.graph.value_info[:]
-
-
 def _check_ops(model) -> None:
     """One error naming the first op onnx2torch has no converter for."""
     from onnx2torch.node_converters.registry import get_converter
@@ -165,14 +156,14 @@ def load_onnx_trainable(path: str | os.PathLike, device: torch.device | str = "c
     import onnx
 
     from lblctl.models.checkpoint import Backbone
-    from lblctl.models.onnx import load_onnx_backbone
+    from lblctl.models.onnx import lift_batch, load_onnx_backbone
 
     p = Path(path)
     _require_onnx2torch()
     ort_bb = load_onnx_backbone(p, "cpu", expect_embedding_size, probe=False)  # checks shapes, preprocessing
     model = onnx.load(str(p))
     _inline_identities(model)
-    _lift_batch(model)
+    lift_batch(model)
     net = convert_model(model, ort_bb.raw_input)
     size = ort_bb.preprocess.input_size
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32))
