@@ -46,7 +46,7 @@ def _train(env: DistEnv, loss: str) -> dict[str, object]:
     head = ShardedMarginSoftmax(ArcFaceLoss() if loss == "arcface" else CosFaceLoss(), CLASSES, DIM, env, seed=3)
     if env.active:
         backbone = nn.parallel.DistributedDataParallel(backbone)
-    opt = torch.optim.SGD([*backbone.parameters(), head.weight], lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD([*backbone.parameters(), head.weight], lr=0.003, momentum=0.9)
     order = np.random.default_rng(1).permutation(len(y))
     losses, accs = [], []
     per_rank = BATCH // env.world_size
