@@ -74,13 +74,6 @@ def init(env: DistEnv, device_type: str) -> None:
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
 
 
-def local_device(env: DistEnv, requested: str) -> str:
-    """``--device cuda`` under torchrun means ``cuda:LOCAL_RANK``; an explicit index is kept."""
-    if env.active and requested == "cuda":
-        return f"cuda:{env.local_rank}"
-    return requested
-
-
 def launch(nproc: int, argv: list[str]) -> int:
     """``--nproc N`` on one machine: run this same command under ``torchrun --standalone`` (N processes).
 

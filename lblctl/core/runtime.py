@@ -17,18 +17,22 @@ if TYPE_CHECKING:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N`` into a torch device, refusing CUDA where there is none."""
+    """Turn ``auto|cpu|cuda|cuda:N`` into a torch device, refusing CUDA where there is none.
+
+    Under torchrun, ``auto`` and ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``."""
     import torch
+
+    from lblctl.core.dist import from_environ
 
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise LblError(f"--device {spec}: no CUDA GPU is visible here; use --device cpu or auto")
-        index = 0
+        index = from_environ().local_rank  # 0 outside torchrun
         if ":" in spec:
             try:
                 index = int(spec.split(":", 1)[1])

@@ -143,14 +143,14 @@ def run(cfg: PretrainConfig, device: torch.device | str = "auto") -> Summary:
     takes its slice of every global batch and holds N/world rows of the classifier; rank 0 alone
     writes the backbone, the log, the manifest and prints.
     """
-    env = dist_env.from_environ()
+    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
     if env.active:
-        if not isinstance(device, torch.device):
-            device = dist_env.local_device(env, device)
-        dist_env.init(env, as_device(device).type)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's own buffers go to this process's GPU too
+        dist_env.init(env, device.type)
         if not env.is_main:
             ui.set_quiet(True)
-    return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), as_device(device), env))
+    return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), device, env))
 
 
 def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | None = None) -> dict[str, Any]:
