@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,31 @@ def copy_slice(dest: Path, names: list[str], per_identity: int) -> Path:
         for f in sorted(os.listdir(LFW / name))[:per_identity]:
             shutil.copyfile(LFW / name / f, dest / name / f)
     return dest
+
+
+def imprinted_world(root: Path) -> tuple[dict[str, Path], Any]:
+    """40 real LFW identities × 3 photos, an untrained small CNN (32 px), a store imprinted from their ID
+    photos (with momentum): the paths, and the imprinted vectors."""
+    import torch
+
+    from lblctl.core.store import PrototypeStore
+    from lblctl.data.faces import Preprocess, open_face_set
+    from lblctl.models.backbones import create_backbone
+    from lblctl.models.checkpoint import load_backbone, save_backbone
+    from lblctl.models.embed import embed_paths
+
+    faces = copy_slice(root / "faces", lfw_identities(3, 40), 3)
+    torch.manual_seed(0)
+    model = create_backbone("small_cnn", 32, 32, width=8).eval()
+    save_backbone(root / "run" / "backbone.pt", model, arch="small_cnn", embedding_size=32,
+                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 8})
+    bb = load_backbone(root / "run")
+    index = open_face_set(faces)
+    emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
+    PrototypeStore.create(root / "store", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
+                          vectors=emb.vectors, momentum=True).close()
+    paths = {"root": root, "faces": faces, "backbone": root / "run" / "backbone.pt", "store": root / "store"}
+    return paths, emb.vectors
 
 
 @pytest.fixture()

@@ -20,12 +20,8 @@ import torch
 from lblctl.cli import main
 from lblctl.core.queues import Queues
 from lblctl.core.store import PrototypeStore
-from lblctl.data.faces import Preprocess, open_face_set
-from lblctl.models.backbones import create_backbone
-from lblctl.models.checkpoint import load_backbone, save_backbone
-from lblctl.models.embed import embed_paths
 
-from .conftest import MODELS, copy_slice, lfw_identities
+from .conftest import MODELS, copy_slice, imprinted_world, lfw_identities
 from .test_export import make_backbone
 from .test_verify import write_pairs
 
@@ -172,18 +168,7 @@ def test_verify_pair_far_keys_exit_status_and_overwrite(capsys: pytest.CaptureFi
 @pytest.fixture(scope="module")
 def dp_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """40 real LFW identities × 3 photos, an untrained small CNN (32 px), an imprinted store (no queues)."""
-    root = tmp_path_factory.mktemp("dpw")
-    faces = copy_slice(root / "faces", lfw_identities(3, 40), 3)
-    torch.manual_seed(0)
-    model = create_backbone("small_cnn", 32, 32, width=8).eval()
-    save_backbone(root / "run" / "backbone.pt", model, arch="small_cnn", embedding_size=32,
-                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 8})
-    bb = load_backbone(root / "run")
-    index = open_face_set(faces)
-    emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
-    PrototypeStore.create(root / "store", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
-                          vectors=emb.vectors, momentum=True).close()
-    return {"root": root, "faces": faces, "backbone": root / "run" / "backbone.pt", "store": root / "store"}
+    return imprinted_world(tmp_path_factory.mktemp("dpw"))[0]
 
 
 def indexed_store(capsys: pytest.CaptureFixture, dp_world: dict[str, Path], dest: Path) -> Path:

@@ -22,13 +22,12 @@ from lblctl.core.store import PrototypeStore
 from lblctl.data.faces import Preprocess, open_face_set
 from lblctl.models.backbones import create_backbone
 from lblctl.models.checkpoint import load_backbone, save_backbone
-from lblctl.models.embed import embed_paths
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
 from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_data import ImageSource
 from lblctl.train.engine import TrainConfig
 
-from .conftest import copy_slice, lfw_identities
+from .conftest import imprinted_world
 
 CPU = torch.device("cpu")
 
@@ -45,20 +44,9 @@ def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """40 real LFW identities × 3 photos, an untrained small CNN, an imprinted store, exact queues."""
-    root = tmp_path_factory.mktemp("dp")
-    faces = copy_slice(root / "faces", lfw_identities(3, 40), 3)
-    torch.manual_seed(0)
-    model = create_backbone("small_cnn", 32, 32, width=8).eval()
-    save_backbone(root / "run" / "backbone.pt", model, arch="small_cnn", embedding_size=32,
-                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 8})
-    bb = load_backbone(root / "run")
-    index = open_face_set(faces)
-    ids = index.select_images("id")
-    emb = embed_paths(bb, [index.path(r) for r in ids], batch_size=64)
-    PrototypeStore.create(root / "store", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
-                          vectors=emb.vectors, momentum=True).close()
-    exact_queues(root / "store", emb.vectors, cq=10, dq=4)
-    return {"root": root, "faces": faces, "backbone": root / "run" / "backbone.pt", "store": root / "store"}
+    paths, vectors = imprinted_world(tmp_path_factory.mktemp("dp"))
+    exact_queues(paths["store"], vectors, cq=10, dq=4)
+    return paths
 
 
 def fresh_store(world: dict[str, Path], dest: Path) -> Path:
