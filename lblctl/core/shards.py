@@ -29,6 +29,7 @@ import numpy as np
 
 from lblctl.core.artifacts import atomic_write_json
 from lblctl.core.errors import IncompatibleArtifact, LblError
+from lblctl.core.strings import StringArray
 
 LAYOUT = "shards.json"
 FORMAT = "lblctl-sharded-store/1"
@@ -103,3 +104,170 @@ def check_world(store: str | os.PathLike, layout: ShardLayout, world_size: int) 
     if layout.world_size != world_size:
         raise LblError(f"--store {store}: sharded for {layout.world_size} rank(s), this job has {world_size}; "
                        f"re-shard it first: lblctl reshard --store {store} --world {world_size} --out NEW_STORE")
+
+
+# ---------------------------------------------------------------------- reading a sharded store whole
+
+
+def take_strings(strings: StringArray, rows: np.ndarray) -> StringArray:
+    """``strings[rows]`` as a new StringArray, without a Python object per item."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, stops = strings.offsets[rows], strings.offsets[rows + 1]
+    lengths = stops - starts
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # byte b of the output comes from starts[item] + (b − offsets[item])
+    src = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
+    return StringArray(strings.buffer[src], offsets)
+
+
+def interleave_strings(parts: list[StringArray], layout: ShardLayout) -> StringArray:
+    """The global order of per-shard string arrays (global row r = shard r % W, local row r // W)."""
+    if len(parts) != layout.world_size:
+        raise ValueError(f"{len(parts)} parts for a world of {layout.world_size}")
+    base = np.cumsum([0] + [len(p) for p in parts[:-1]]).astype(np.int64)
+    buffers, offsets, shift = [], [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:
+        buffers.append(p.buffer)
+        offsets.append(p.offsets[1:] + shift)
+        shift += int(p.offsets[-1])
+    joined = StringArray(np.concatenate(buffers) if buffers else np.zeros(0, np.uint8), np.concatenate(offsets))
+    rows = np.arange(layout.num_rows, dtype=np.int64)
+    return take_strings(joined, base[layout.owner(rows)] + layout.local(rows))
+
+
+class ShardedStoreView:
+    """A sharded store read as one store, by global row (read-only; every shard opened for reading).
+
+    It has what the readers of a plain :class:`~lblctl.core.store.PrototypeStore` use (``gather``,
+    ``iter_chunks``, ``names`` …), so re-sharding, build-index and merging stream over it; memory holds
+    one chunk of rows (and, when asked for, the names)."""
+
+    def __init__(self, folder: str | os.PathLike, layout: ShardLayout | None = None) -> None:
+        from lblctl.core.store import PrototypeStore
+
+        self.folder = Path(folder)
+        found = layout or read_layout(self.folder)
+        if found is None:
+            raise LblError(f"{self.folder}: not a sharded store (no {LAYOUT})")
+        self.layout = found
+        self.shards: list[PrototypeStore] = []
+        try:
+            for rank in range(found.world_size):
+                path = shard_dir(self.folder, rank, found.world_size)
+                if not path.is_dir():
+                    raise IncompatibleArtifact(f"{path}: missing; {self.folder} lists {found.world_size} shards")
+                store = PrototypeStore.open(path, "r", cache="mmap")
+                self.shards.append(store)
+                if store.num_rows != found.shard_size(rank) or store.embedding_size != found.embedding_size:
+                    raise IncompatibleArtifact(
+                        f"{path}: {store.num_rows} rows × {store.embedding_size}, the layout says "
+                        f"{found.shard_size(rank)} × {found.embedding_size}; the sharded store is damaged")
+            first = self.shards[0] if self.shards else None
+            for store in self.shards[1:]:
+                assert first is not None
+                if (store.dtype, store.has_momentum, store.backbone_fingerprint) != \
+                        (first.dtype, first.has_momentum, first.backbone_fingerprint):
+                    raise IncompatibleArtifact(f"{store.folder}: dtype, momentum or backbone differ from "
+                                               f"{first.folder}; the shards are not one store")
+        except BaseException:
+            self.close()
+            raise
+        self._names: StringArray | None = None
+        self._photos: StringArray | None = None
+
+    # what a plain store says about itself
+    @property
+    def num_rows(self) -> int:
+        return self.layout.num_rows
+
+    def __len__(self) -> int:
+        return self.layout.num_rows
+
+    @property
+    def embedding_size(self) -> int:
+        return self.layout.embedding_size
+
+    @property
+    def dtype(self) -> str:
+        return self.shards[0].dtype if self.shards else "float32"
+
+    @property
+    def has_momentum(self) -> bool:
+        return bool(self.shards) and self.shards[0].has_momentum
+
+    @property
+    def backbone_fingerprint(self) -> str | None:
+        return self.shards[0].backbone_fingerprint if self.shards else None
+
+    @property
+    def committed_steps(self) -> list[int]:
+        """Each shard's last committed step (equal when every rank finished the same step)."""
+        return [s.committed_step for s in self.shards]
+
+    @property
+    def committed_step(self) -> int:
+        """The last step every shard committed (the step a resume would start from)."""
+        return min(self.committed_steps) if self.shards else -1
+
+    @property
+    def names(self) -> StringArray:
+        if self._names is None:
+            self._names = interleave_strings([s.names for s in self.shards], self.layout)
+        return self._names
+
+    @property
+    def id_photos(self) -> StringArray:
+        if self._photos is None:
+            self._photos = interleave_strings([s.id_photos for s in self.shards], self.layout)
+        return self._photos
+
+    # rows by global id
+    def _by_shard(self, rows: np.ndarray, read) -> np.ndarray:  # noqa: ANN001 (shard, local rows) -> array
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"row out of range 0..{self.num_rows - 1}")
+        owner, local = self.layout.owner(rows), self.layout.local(rows)
+        out: np.ndarray | None = None
+        for rank in np.unique(owner).tolist():
+            m = owner == rank
+            part = read(self.shards[rank], local[m])
+            if out is None:
+                out = np.empty((len(rows), *part.shape[1:]), dtype=part.dtype)
+            out[m] = part
+        if out is None:
+            out = read(self.shards[0], local[:0]) if self.shards else np.zeros((0, self.embedding_size), np.float32)
+        return out
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return self._by_shard(rows, lambda s, r: s.gather(r))
+
+    def gather_momentum(self, rows: np.ndarray) -> np.ndarray:
+        return self._by_shard(rows, lambda s, r: s.gather_momentum(r))
+
+    def row_steps(self, rows: np.ndarray) -> np.ndarray:
+        return self._by_shard(rows, lambda s, r: s.row_steps(r))
+
+    def iter_chunks(self, chunk_rows: int = 65536):  # noqa: ANN201 (Iterator[tuple[int, np.ndarray]])
+        """Every row in global order as ``(start, float32 array)``, a chunk at a time."""
+        step = max(1, int(chunk_rows))
+        for start in range(0, self.num_rows, step):
+            yield start, self.gather(np.arange(start, min(self.num_rows, start + step), dtype=np.int64))
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close(complete=False)
+        self.shards = []
+
+    def __enter__(self) -> ShardedStoreView:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def open_store_view(folder: str | os.PathLike):  # noqa: ANN201 (PrototypeStore | ShardedStoreView)
+    """A store opened for reading: a plain one as is, a sharded one through :class:`ShardedStoreView`."""
+    from lblctl.core.store import PrototypeStore
+
+    return ShardedStoreView(folder) if is_sharded(folder) else PrototypeStore.open(folder, "r")

@@ -1,0 +1,170 @@
+"""reshard: plain ↔ sharded ↔ sharded, bit for bit (rows, momentum, steps, names, queues), crash-safe, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lblctl.core.errors import LblError
+from lblctl.core.queues import Queues
+from lblctl.core.shards import ShardedStoreView, read_layout, shard_dir
+from lblctl.core.store import PrototypeStore
+from lblctl.stages.index import BuildIndexConfig, build_store_index
+from lblctl.stages.reshard import reshard, temp_dir
+
+from .conftest import imprinted_world
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real 40-identity LFW store, indexed, then changed as train-dp changes one: some rows rewritten
+    at step 7 with non-zero momentum, some dominant queues promoted."""
+    paths, vectors = imprinted_world(tmp_path_factory.mktemp("reshard"))
+    store = paths["store"]
+    build_store_index(BuildIndexConfig(store=store, candidates=8, dominant=4))
+    rng = np.random.default_rng(3)
+    with PrototypeStore.open(store, "r+") as s:
+        rows = np.arange(0, 40, 3)
+        s.scatter(rows, vectors[rows] + 0.1 * rng.standard_normal((len(rows), vectors.shape[1])),
+                  momentum=rng.standard_normal((len(rows), vectors.shape[1])).astype(np.float32))
+        s.commit(7)
+    with Queues.open(store, "r+") as q:
+        cand = q.candidates(np.arange(40))
+        assert q.promote(np.arange(40), cand[:, -1]) > 0  # the last candidate jumps to the front
+    return store
+
+
+def _contents(store: Path) -> dict[str, object]:
+    """Everything a store holds, by global row, through the plain or sharded reader."""
+    view = ShardedStoreView(store) if read_layout(store) is not None else PrototypeStore.open(store)
+    rows = np.arange(view.num_rows)
+    with view:
+        out: dict[str, object] = {
+            "vec": view.gather(rows), "mom": view.gather_momentum(rows), "steps": view.row_steps(rows),
+            "names": list(view.names), "photos": list(view.id_photos), "dtype": view.dtype,
+            "fp": view.backbone_fingerprint, "committed": view.committed_step}
+    layout = read_layout(store)
+    folders = [shard_dir(store, r, layout.world_size) for r in range(layout.world_size)] if layout else [store]
+    cand, score, dom = [], [], []
+    for f in folders:
+        with Queues.open(f) as q:
+            local = np.arange(q.num_rows)
+            cand.append(q.candidates(local))
+            score.append(q.candidate_scores(local))
+            dom.append(q.dominant(local))
+    w = len(folders)
+    order = np.argsort(np.concatenate([np.arange(r, view.num_rows, w) for r in range(w)]), kind="stable")
+    out.update(cand=np.concatenate(cand)[order], score=np.concatenate(score)[order],
+               dom=np.concatenate(dom)[order])
+    return out
+
+
+def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bit for bit (NaN equals NaN)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_round_trip_plain_2_3_plain_is_bit_exact(trained_store: Path, tmp_path: Path) -> None:
+    original = _contents(trained_store)
+    assert original["committed"] == 7 and np.abs(original["mom"]).sum() > 0  # the fixture did change them
+    s = reshard(trained_store, tmp_path / "w2", 2, chunk_rows=7)  # a chunk not a multiple of the world
+    assert (s["from_layout"], s["world"], s["rows"], s["queues"]) == ("plain", 2, 40, True)
+    layout = read_layout(tmp_path / "w2")
+    assert (layout.world_size, layout.num_rows) == (2, 40)
+    with PrototypeStore.open(shard_dir(tmp_path / "w2", 1, 2)) as shard:  # rank 1 owns the odd rows
+        assert list(shard.names) == original["names"][1::2]
+        np.testing.assert_array_equal(shard.gather(np.arange(20)), original["vec"][1::2])
+    with Queues.open(shard_dir(tmp_path / "w2", 1, 2)) as q:  # global ids inside
+        np.testing.assert_array_equal(q.dominant(np.arange(20)), original["dom"][1::2])
+    _assert_same(original, _contents(tmp_path / "w2"))
+    manifest = json.loads((tmp_path / "w2" / "index_manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["index.faiss", "shard-00000-of-00002/queues.h5",
+                                                      "shard-00001-of-00002/queues.h5", "duplicates.csv"]
+    reshard(tmp_path / "w2", tmp_path / "w3", 3, chunk_rows=5)
+    assert [p.name for p in sorted((tmp_path / "w3").glob("shard-*"))] == \
+        [f"shard-0000{r}-of-00003" for r in range(3)]
+    _assert_same(original, _contents(tmp_path / "w3"))
+    s = reshard(tmp_path / "w3", tmp_path / "plain", 1)
+    assert (s["from_world"], s["layout"]) == (3, "plain") and read_layout(tmp_path / "plain") is None
+    _assert_same(original, _contents(tmp_path / "plain"))
+    for name in ("index.faiss", "duplicates.csv"):  # global row ids: copied as they are
+        assert (tmp_path / "plain" / name).read_bytes() == (trained_store / name).read_bytes()
+    manifest = json.loads((tmp_path / "plain" / "index_manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["index.faiss", "queues.h5", "duplicates.csv"]
+
+
+def test_float16_without_momentum_or_queues(tmp_path: Path, trained_store: Path) -> None:
+    with PrototypeStore.open(trained_store) as s:
+        vec, names = s.gather(np.arange(40)), list(s.names)
+    PrototypeStore.create(tmp_path / "h", vec.shape[1], names, "float16", vectors=vec).close()
+    reshard(tmp_path / "h", tmp_path / "h4", 4)
+    assert not (shard_dir(tmp_path / "h4", 0, 4) / "queues.h5").exists()
+    reshard(tmp_path / "h4", tmp_path / "h1", 1)
+    with PrototypeStore.open(tmp_path / "h") as a, PrototypeStore.open(tmp_path / "h1") as b:
+        assert (b.dtype, b.has_momentum, list(b.names)) == ("float16", False, names)
+        np.testing.assert_array_equal(a.gather(np.arange(40)), b.gather(np.arange(40)))
+
+
+def test_refusals_and_overwrite(trained_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(LblError, match="--world 0"):
+        reshard(trained_store, tmp_path / "x", 0)
+    with pytest.raises(LblError, match="outside --store"):
+        reshard(trained_store, trained_store / "inner", 2)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(LblError, match="add --overwrite"):
+        reshard(trained_store, tmp_path / "taken", 2)
+    reshard(trained_store, tmp_path / "taken", 2, overwrite=True)
+    assert read_layout(tmp_path / "taken").world_size == 2
+    reshard(tmp_path / "taken", tmp_path / "taken2", 1)
+    reshard(trained_store, tmp_path / "taken2", 3, overwrite=True)  # a plain OUT replaced by a sharded one
+    assert read_layout(tmp_path / "taken2").world_size == 3 and not (tmp_path / "taken2" / "prototypes.h5").exists()
+
+
+def test_shards_at_different_steps_are_refused(trained_store: Path, tmp_path: Path) -> None:
+    reshard(trained_store, tmp_path / "w2", 2)
+    with PrototypeStore.open(shard_dir(tmp_path / "w2", 0, 2), "r+") as s:  # rank 0 committed step 8, rank 1 did not
+        s.scatter(np.array([0]), s.gather(np.array([1])), momentum=np.zeros((1, 32), np.float32))
+        s.commit(8)
+    with pytest.raises(LblError, match=r"different steps \(\[7, 8\]\)"):
+        reshard(tmp_path / "w2", tmp_path / "m", 1)
+
+
+def test_killed_reshard_leaves_out_untouched_and_reruns_to_the_same(trained_store: Path, tmp_path: Path) -> None:
+    """kill -9 in the middle of the copy: OUT does not exist (only the temp folder); the same command
+    again removes the leftovers and gives exactly the store an uninterrupted run gives."""
+    reshard(trained_store, tmp_path / "ref", 2)
+    code = ("import os, signal, lblctl.core.store as st\n"
+            "from lblctl.stages.reshard import reshard\n"
+            "orig = st.PrototypeStore.fill_exact\n"
+            "calls = [0]\n"
+            "def fill(self, *a, **k):\n"
+            "    orig(self, *a, **k); calls[0] += 1\n"
+            "    if calls[0] == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "st.PrototypeStore.fill_exact = fill\n"
+            f"reshard({str(trained_store)!r}, {str(tmp_path / 'out')!r}, 2, chunk_rows=8)\n")
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -9
+    assert not (tmp_path / "out").exists() and temp_dir(tmp_path / "out").is_dir()
+    cli = subprocess.run([sys.executable, "-m", "lblctl", "reshard", "--store", str(trained_store), "--world", "2",
+                          "--out", str(tmp_path / "out"), "--json", "--quiet"], capture_output=True,
+                         text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["world"] == 2
+    assert not temp_dir(tmp_path / "out").exists()
+    _assert_same(_contents(tmp_path / "ref"), _contents(tmp_path / "out"))
+
+
+def test_cli_refuses_existing_out_in_one_line(trained_store: Path, tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    cli = subprocess.run([sys.executable, "-m", "lblctl", "reshard", "--store", str(trained_store), "--world", "2",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert cli.returncode == 2
+    assert "error:" in cli.stdout + cli.stderr and "--overwrite" in cli.stdout + cli.stderr
