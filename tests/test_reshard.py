@@ -168,3 +168,27 @@ def test_cli_refuses_existing_out_in_one_line(trained_store: Path, tmp_path: Pat
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert cli.returncode == 2
     assert "error:" in cli.stdout + cli.stderr and "--overwrite" in cli.stdout + cli.stderr
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_build_index_on_a_sharded_store_equals_plain_then_reshard(trained_store: Path, tmp_path: Path,
+                                                                  kind: str) -> None:
+    """build-index reads a sharded store through its shards and writes each shard's queues (global ids):
+    the same as indexing the plain store and re-sharding it; the index and duplicate report stay on top."""
+    reshard(trained_store, tmp_path / "plain", 1)
+    reshard(trained_store, tmp_path / "w3", 3)
+    cfg = {"candidates": 6, "dominant": 3, "index": kind, "nlist": 4 if kind == "ivf" else 0, "batch_size": 7}
+    plain = build_store_index(BuildIndexConfig(store=tmp_path / "plain", **cfg))
+    sharded = build_store_index(BuildIndexConfig(store=tmp_path / "w3", **cfg))
+    assert (plain["layout"], sharded["layout"]) == ("plain", "sharded for 3")
+    assert sharded["duplicates"] == plain["duplicates"] and sharded["recall_at_k"] == plain["recall_at_k"]
+    reshard(tmp_path / "plain", tmp_path / "ref", 3)
+    got, ref = _contents(tmp_path / "w3"), _contents(tmp_path / "ref")
+    _assert_same(ref, got)
+    np.testing.assert_array_equal(got["dom"], got["cand"][:, :3])  # fresh queues: the first dq candidates
+    assert not (tmp_path / "w3" / "queues.h5").exists()
+    for name in ("index.faiss", "duplicates.csv"):
+        assert (tmp_path / "w3" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    manifest = json.loads((tmp_path / "w3" / "index_manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["index.faiss", *[f"shard-0000{r}-of-00003/queues.h5"
+                                                                      for r in range(3)], "duplicates.csv"]

@@ -271,3 +271,129 @@ def open_store_view(folder: str | os.PathLike):  # noqa: ANN201 (PrototypeStore 
     from lblctl.core.store import PrototypeStore
 
     return ShardedStoreView(folder) if is_sharded(folder) else PrototypeStore.open(folder, "r")
+
+
+# ---------------------------------------------------------------------- the queues of a sharded store
+
+
+def queue_paths(store: str | os.PathLike, layout: ShardLayout | None) -> list[Path]:
+    """The queue files of a store: one per shard (global row ids inside), or ``STORE/queues.h5``."""
+    from lblctl.core.queues import QUEUES
+
+    if layout is None:
+        return [Path(store) / QUEUES]
+    return [shard_dir(store, r, layout.world_size) / QUEUES for r in range(layout.world_size)]
+
+
+class ShardedQueues:
+    """The queues of a sharded store read by global row (read-only), as a plain :class:`Queues` reads."""
+
+    def __init__(self, store: str | os.PathLike, layout: ShardLayout) -> None:
+        from lblctl.core.queues import Queues
+
+        self.layout = layout
+        self.parts: list[Queues] = []
+        try:
+            for rank, path in enumerate(queue_paths(store, layout)):
+                q = Queues.open(path, "r", expect_rows=layout.shard_size(rank))
+                self.parts.append(q)
+        except BaseException:
+            self.close()
+            raise
+        widths = {(q.cq, q.dq) for q in self.parts}
+        if len(widths) > 1:
+            self.close()
+            raise IncompatibleArtifact(f"{store}: the shards' queues differ in width ({sorted(widths)}); "
+                                       "re-run build-index")
+        self.num_rows = layout.num_rows
+        self.cq, self.dq = (self.parts[0].cq, self.parts[0].dq) if self.parts else (0, 0)
+
+    @property
+    def meta(self) -> dict[str, object]:
+        return {**self.parts[0].meta, "num_rows": self.num_rows} if self.parts else {}
+
+    def _read(self, rows: np.ndarray, width: int, dtype: type, name: str) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"row out of range 0..{self.num_rows - 1}")
+        owner, local = self.layout.owner(rows), self.layout.local(rows)
+        out = np.empty((len(rows), width), dtype=dtype)
+        for rank in np.unique(owner).tolist():
+            m = owner == rank
+            out[m] = getattr(self.parts[rank], name)(local[m])
+        return out
+
+    def candidates(self, rows: np.ndarray) -> np.ndarray:
+        return self._read(rows, self.cq, np.int32, "candidates")
+
+    def candidate_scores(self, rows: np.ndarray) -> np.ndarray:
+        return self._read(rows, self.cq, np.float32, "candidate_scores")
+
+    def dominant(self, rows: np.ndarray) -> np.ndarray:
+        return self._read(rows, self.dq, np.int32, "dominant")
+
+    def iter_chunks(self, chunk_rows: int = 65536):  # noqa: ANN201 (Iterator[tuple[int, ndarray, ndarray]])
+        """``(start, candidates, candidate_scores)`` in global row order, a chunk at a time."""
+        for start in range(0, self.num_rows, max(1, int(chunk_rows))):
+            rows = np.arange(start, min(self.num_rows, start + chunk_rows), dtype=np.int64)
+            yield start, self.candidates(rows), self.candidate_scores(rows)
+
+    def close(self) -> None:
+        for q in self.parts:
+            q.close()
+        self.parts = []
+
+    def __enter__(self) -> ShardedQueues:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+class ShardedQueueWriter:
+    """New queue files for every shard, written by global row: rows ``start…`` go to their owners' files
+    (each a :class:`~lblctl.core.queues.QueueWriter`: temp name, renamed at :meth:`commit`)."""
+
+    def __init__(self, store: str | os.PathLike, layout: ShardLayout, cq: int, dq: int,
+                 attrs: dict[str, object] | None = None) -> None:
+        from lblctl.core.queues import QueueWriter
+
+        self.layout = layout
+        self.writers: list[QueueWriter] = []
+        try:
+            for rank, path in enumerate(queue_paths(store, layout)):
+                self.writers.append(QueueWriter(path, layout.shard_size(rank), cq, dq, attrs))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, start: int, candidates: np.ndarray, scores: np.ndarray,
+              dominant: np.ndarray | None = None) -> None:
+        """Global rows ``start:start+len(candidates)`` (a run of rows: each owner's share is a run of its
+        local rows); ``dominant`` None: the first dq candidates."""
+        rows = np.arange(start, start + len(candidates), dtype=np.int64)
+        owner = self.layout.owner(rows)
+        for rank in range(self.layout.world_size):
+            m = owner == rank
+            if not m.any():
+                continue
+            local0 = int(self.layout.local(rows[m][:1])[0])
+            w = self.writers[rank]
+            w.write(local0, candidates[m], scores[m])
+            if dominant is not None:
+                w.dominant[local0:local0 + int(m.sum())] = dominant[m]
+
+    def commit(self) -> list[Path]:
+        """Rename every shard's file into place (each atomically; the caller's commit point comes after)."""
+        return [w.commit() for w in self.writers]
+
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+
+    def __enter__(self) -> ShardedQueueWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
