@@ -192,3 +192,21 @@ def test_build_index_on_a_sharded_store_equals_plain_then_reshard(trained_store:
     manifest = json.loads((tmp_path / "w3" / "index_manifest.json").read_text())
     assert [f["path"] for f in manifest["files"]] == ["index.faiss", *[f"shard-0000{r}-of-00003/queues.h5"
                                                                       for r in range(3)], "duplicates.csv"]
+
+
+def test_eval_reads_a_sharded_store_as_its_merge(trained_store: Path, tmp_path: Path) -> None:
+    """eval --store takes a sharded store through its shards: the same identification figures as the merge."""
+    import torch
+
+    from lblctl.stages.evaluate import EvalConfig
+    from lblctl.stages.evaluate import run as evaluate
+
+    root = trained_store.parent  # conftest.imprinted_world: faces/, run/backbone.pt, store/
+    reshard(trained_store, tmp_path / "w2", 2)
+    reshard(tmp_path / "w2", tmp_path / "merged", 1)
+    got = {}
+    for name in ("w2", "merged"):
+        got[name] = evaluate(EvalConfig(backbone=root / "run", out=tmp_path / f"r-{name}", store=tmp_path / name,
+                                        data=root / "faces"), torch.device("cpu"))["identification"]
+    assert got["w2"]["gallery_size"] == 40 and got["w2"]["probes"] > 0
+    assert got["w2"] == got["merged"]
