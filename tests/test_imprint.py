@@ -247,3 +247,16 @@ def test_imprint_nproc_2_equals_one_process_then_reshard(lfw_slice: Path, backbo
     assert len(read_csv(two / "problems.csv")) == int(left_out)
     again = subprocess.run(cmd[:4] + cmd[6:], capture_output=True, text=True, timeout=300)  # 1 process, same --out
     assert again.returncode == 2 and "already holds a finished store" in again.stdout + again.stderr
+
+
+def test_resume_with_another_process_count_is_refused(lfw_slice: Path, backbone_pt: Path, tmp_path: Path) -> None:
+    """An imprint interrupted under torchrun (each rank's state in OUT/.imprint/rank-R-of-W/) resumes only
+    with the same number of processes: its identities were split by that number."""
+    state = tmp_path / "store" / STAGING / "rank-00001-of-00002" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"signature": {}, "done": 3}))
+    cfg = ImprintConfig(out=tmp_path / "store", data=lfw_slice, backbone=backbone_pt)
+    with pytest.raises(LblError, match="interrupted imprint; add --resume"):
+        imprint(cfg)
+    with pytest.raises(LblError, match=r"started by 2 process\(es\), this job has 1; resume it with --nproc 2"):
+        imprint(ImprintConfig(out=tmp_path / "store", data=lfw_slice, backbone=backbone_pt, resume=True))

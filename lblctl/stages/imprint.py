@@ -122,6 +122,10 @@ def imprint(cfg: ImprintConfig, device: torch.device | str = "cpu",
     if cfg.batch_size < 1:
         raise LblError(f"--batch-size {cfg.batch_size}: must be at least 1")
     _check_out(cfg, env)
+    if env.active:  # every rank has looked at OUT before any writes its staging into it
+        import torch.distributed as dist
+
+        dist.barrier()
     backbone = open_backbone(cfg.backbone, device)  # an lblctl backbone or an ONNX recognition model
     index = open_face_set(cfg.data)
     return _imprint_photos(cfg, backbone, index, on_checkpoint, env)
