@@ -210,3 +210,14 @@ def test_eval_reads_a_sharded_store_as_its_merge(trained_store: Path, tmp_path: 
                                         data=root / "faces"), torch.device("cpu"))["identification"]
     assert got["w2"]["gallery_size"] == 40 and got["w2"]["probes"] > 0
     assert got["w2"] == got["merged"]
+
+
+def test_build_index_refuses_to_run_under_torchrun(trained_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process builds the index (using every GPU itself): W ranks would write the same files."""
+    from lblctl.stages.index import run
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(LblError, match="runs in one process"):
+        run(BuildIndexConfig(store=trained_store), "cpu")

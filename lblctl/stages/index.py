@@ -578,6 +578,10 @@ def write_index_manifest(folder: Path, files: list[str], *, params: dict[str, An
 
 def run(cfg: BuildIndexConfig, device: Any = "auto") -> Summary:
     """The build-index stage: faiss on the GPU when ``device`` is one (and faiss-gpu is installed)."""
+    from lblctl.core.dist import from_environ
     from lblctl.core.runtime import as_device
 
+    if from_environ().active:  # W processes would each write the same index and queue files
+        raise LblError("build-index runs in one process (with faiss-gpu it uses every visible GPU itself); "
+                       "run it without torchrun, on a plain or a sharded store")
     return Summary("build-index", build_store_index(cfg, use_gpu=as_device(device).type == "cuda"))

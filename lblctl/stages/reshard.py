@@ -238,10 +238,11 @@ def _write(store: Path, source: PrototypeStore | ShardedStoreView, queues: _Queu
     try:
         for rank, folder in enumerate(folders):
             rows = layout.rows_of(rank)
+            whole = world == 1  # a merge takes the names as they are (no second copy of N names)
             writers.append(PrototypeStore.create(
-                folder, dim, take_strings(names, rows), source.dtype, source.backbone_fingerprint,
-                id_photos=take_strings(photos, rows), momentum=momentum, params=params, inputs=inputs,
-                cache="mmap"))
+                folder, dim, names if whole else take_strings(names, rows), source.dtype,
+                source.backbone_fingerprint, id_photos=photos if whole else take_strings(photos, rows),
+                momentum=momentum, params=params, inputs=inputs, cache="mmap"))
             if queues:
                 qwriters.append(QueueWriter(folder / QUEUES, len(rows), queues.cq, queues.dq, queues.attrs))
         del names, photos
