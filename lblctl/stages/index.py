@@ -284,7 +284,8 @@ def search_all(index: faiss.Index, source: VectorSource, spec: IndexSpec, k: int
     if spec.kind == "hnsw":
         index.hnsw.efSearch = spec.ef_search
     if use_gpu and spec.kind != "hnsw":
-        search_index = to_all_gpus(index)
+        # exact search: the vectors split over every GPU; IVF stays on one (its nprobe is set per GPU index)
+        search_index = to_all_gpus(index) if spec.kind == "flat" else to_gpu(index)
         if spec.kind in ("ivf", "ivfpq"):
             faiss.GpuParameterSpace().set_index_parameter(search_index, "nprobe", spec.nprobe)
     fetch = k + 1 + (2 if spec.kind == "flat" else 0)  # self + slack for ties at the boundary
@@ -522,7 +523,8 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         "identities": n,
         "embedding_size": d,
         "index": spec.as_dict(),
-        "faiss_device": (f"gpu × {gpu_count()}" if gpu_count() > 1 else "gpu") if use_gpu else "cpu",
+        "faiss_device": (f"gpu × {gpu_count()}" if gpu_count() > 1 and spec.kind == "flat" else "gpu")
+        if use_gpu else "cpu",
         "layout": f"sharded for {layout.world_size}" if layout is not None else "plain",
         "candidates": k,
         "dominant": dominant,
