@@ -221,3 +221,20 @@ def test_build_index_refuses_to_run_under_torchrun(trained_store: Path, monkeypa
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(LblError, match="runs in one process"):
         run(BuildIndexConfig(store=trained_store), "cpu")
+
+
+def test_take_and_interleave_strings_chunk_by_chunk() -> None:
+    """The names of a shard are taken a chunk at a time (bounded scratch memory) and equal plain indexing,
+    multi-byte utf-8 and empty names included; interleaving shards gives back the global order."""
+    from lblctl.core.shards import ShardLayout, interleave_strings, take_strings
+    from lblctl.core.strings import StringArray
+
+    rng = np.random.default_rng(0)
+    items = ["".join(chr(97 + x) for x in rng.integers(0, 26, rng.integers(0, 12))) + ("é" if i % 7 == 0 else "")
+             for i in range(5000)]
+    strings = StringArray.from_iter(items)
+    rows = rng.integers(0, len(items), 3001)
+    assert list(take_strings(strings, rows, chunk_rows=97)) == [items[r] for r in rows]
+    layout = ShardLayout(3, len(items), 8)
+    parts = [take_strings(strings, layout.rows_of(r), chunk_rows=50) for r in range(3)]
+    assert list(interleave_strings(parts, layout)) == items

@@ -109,16 +109,22 @@ def check_world(store: str | os.PathLike, layout: ShardLayout, world_size: int) 
 # ---------------------------------------------------------------------- reading a sharded store whole
 
 
-def take_strings(strings: StringArray, rows: np.ndarray) -> StringArray:
-    """``strings[rows]`` as a new StringArray, without a Python object per item."""
+def take_strings(strings: StringArray, rows: np.ndarray, chunk_rows: int = 8192) -> StringArray:
+    """``strings[rows]`` as a new StringArray, without a Python object per item (and, beside the result,
+    memory for one chunk of rows: the byte index of a chunk costs 8 bytes per byte of its strings)."""
     rows = np.asarray(rows, dtype=np.int64)
-    starts, stops = strings.offsets[rows], strings.offsets[rows + 1]
-    lengths = stops - starts
+    starts = strings.offsets[rows]
+    lengths = strings.offsets[rows + 1] - starts
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    # byte b of the output comes from starts[item] + (b − offsets[item])
-    src = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
-    return StringArray(strings.buffer[src], offsets)
+    buffer = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for a in range(0, len(rows), chunk_rows):
+        b = min(len(rows), a + chunk_rows)
+        lo, hi = int(offsets[a]), int(offsets[b])
+        # byte j of the output comes from starts[item] + (j − offsets[item])
+        src = np.repeat(starts[a:b] - offsets[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
+        buffer[lo:hi] = strings.buffer[src]
+    return StringArray(buffer, offsets)
 
 
 def interleave_strings(parts: list[StringArray], layout: ShardLayout) -> StringArray:
