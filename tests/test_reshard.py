@@ -238,3 +238,11 @@ def test_take_and_interleave_strings_chunk_by_chunk() -> None:
     layout = ShardLayout(3, len(items), 8)
     parts = [take_strings(strings, layout.rows_of(r), chunk_rows=50) for r in range(3)]
     assert list(interleave_strings(parts, layout)) == items
+
+
+def test_a_store_open_for_writing_is_refused(trained_store: Path, tmp_path: Path) -> None:
+    """A store a writer holds (train-dp running) would be copied half old, half new: refused in one line."""
+    with PrototypeStore.open(trained_store, "r+"), pytest.raises(LblError, match="is open for writing"):
+        reshard(trained_store, tmp_path / "w2", 2)
+    assert not (tmp_path / "w2").exists()
+    reshard(trained_store, tmp_path / "w2", 2)  # the writer has gone

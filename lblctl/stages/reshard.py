@@ -16,7 +16,10 @@ gives the same result.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from lblctl.core.shards import (
     take_strings,
     write_layout,
 )
-from lblctl.core.store import FILENAME, PrototypeStore
+from lblctl.core.store import FILENAME, LOCK_NAME, PrototypeStore
 from lblctl.core.summary import Summary
 
 # build-index's and imprint's files that describe the whole store: they live at the top of a plain and of
@@ -128,6 +131,30 @@ class _QueueSource:
         self.parts = []
 
 
+@contextlib.contextmanager
+def _no_writer(store: Path, layout: ShardLayout | None):
+    """Hold a shared lock on the store (every shard) while it is copied: a running writer (train-dp) is
+    refused now, and none can start until the copy is done (a writer takes the lock exclusively)."""
+    folders = [store] if layout is None else [shard_dir(store, r, layout.world_size) for r in range(layout.world_size)]
+    fds = []
+    try:
+        for folder in folders:
+            try:
+                fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+            except OSError:
+                continue  # no writer ever opened it
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LblError(f"--store {store}: {folder} is open for writing (a train-dp run?); "
+                               "re-shard it when that process has ended") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _check_paths(store: Path, out: Path, world: int, overwrite: bool) -> None:
     if world < 1:
         raise LblError(f"--world {world}: must be at least 1")
@@ -181,6 +208,11 @@ def reshard(store: str | Path, out: str | Path, world: int, *, overwrite: bool =
     store, out, world = Path(store), Path(out), int(world)
     _check_paths(store, out, world, overwrite)
     t0 = time.perf_counter()
+    with _no_writer(store, read_layout(store)):
+        return _reshard(store, out, world, chunk_rows, t0)
+
+
+def _reshard(store: Path, out: Path, world: int, chunk_rows: int, t0: float) -> dict[str, Any]:
     source = _open_source(store)
     queues: _QueueSource | None = None
     tmp = temp_dir(out)
