@@ -176,6 +176,12 @@ def _manifest_meta(store: Path, source: PrototypeStore | ShardedStoreView) -> di
         return {}
 
 
+def _synced(path: Path) -> None:
+    """fsync a file written here, so that the folder renamed into place holds it whole after a power loss."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _copy_store_files(store: Path, tmp: Path, queue_files: list[str]) -> list[str]:
     """The store-level files of build-index/imprint, and the index manifest with its file list renewed
     (``queue_files``: the new store's queue files, one per shard or one)."""
@@ -183,6 +189,7 @@ def _copy_store_files(store: Path, tmp: Path, queue_files: list[str]) -> list[st
     for name in STORE_FILES:
         if (store / name).is_file():
             shutil.copyfile(store / name, tmp / name)
+            _synced(tmp / name)
             copied.append(name)
     if (store / INDEX_MANIFEST).is_file():
         manifest = json.loads((store / INDEX_MANIFEST).read_text(encoding="utf-8"))
@@ -197,6 +204,7 @@ def _copy_store_files(store: Path, tmp: Path, queue_files: list[str]) -> list[st
         manifest["files"] = entries
         manifest["resharded_from"] = str(store.resolve())
         (tmp / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _synced(tmp / INDEX_MANIFEST)
         copied.append(INDEX_MANIFEST)
     return copied
 
