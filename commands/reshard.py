@@ -2,7 +2,7 @@
 
 Reads STORE (plain: STORE/prototypes.h5; sharded: STORE/shards.json + STORE/shard-RRRRR-of-WWWWW/) and writes
 OUT: with --world W > 1, one plain store per rank (global row r goes to rank r % W) and OUT/shards.json; with
---world 1, one plain store (what eval, export and build-index read). Rows are copied bit for bit with their
+--world 1, one plain store (for one process, or any tool that wants one HDF5 file). Rows are copied bit for bit with their
 momentum, names, ID photos and queues (global row ids); the index, duplicate report and index manifest follow.
 Streams a chunk of rows at a time. OUT is built in .OUT.reshard-tmp beside it and renamed at the end, so a
 killed reshard leaves OUT untouched; run the same command again.
@@ -11,7 +11,7 @@ Examples:
 
     lblctl reshard --store store --world 8 --out store-w8        # then: torchrun --nproc-per-node=8 -m lblctl train-dp --store store-w8 …
     lblctl reshard --store store-w8 --world 4 --out store-w4     # another world size
-    lblctl reshard --store store-w8 --world 1 --out store-merged # back to one plain store for eval / export
+    lblctl reshard --store store-w8 --world 1 --out store-merged # back to one plain store
 """
 
 from __future__ import annotations
