@@ -151,6 +151,13 @@ def _rank_prefix() -> str:
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def _error(text: str) -> None:
+    """One ``error:`` line; the text is printed as is (a path or a gloo message may hold ``[/…]``)."""
+    from rich.markup import escape
+
+    ui.console.print(f"[red]error:[/red] {escape(text)}", soft_wrap=True, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line ``error: …`` and exit 2 for user errors; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     except LblError as exc:
         if debug:
             raise
-        ui.console.print(f"[red]error:[/red] {_rank_prefix()}{exc}", soft_wrap=True)
+        _error(f"{_rank_prefix()}{exc}")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)
@@ -176,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = f" ({ctx.command_path})" if ctx is not None else ""
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        ui.console.print(f"[red]error:[/red] {message}{where}; see --help", soft_wrap=True)
+        _error(f"{message}{where}; see --help")
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001
         if debug:
             raise
-        ui.console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} "
-                         "(a bug in lblctl; re-run with --debug for the traceback and report it)", soft_wrap=True)
+        _error(f"{_rank_prefix()}unexpected {type(exc).__name__}: {exc} "
+               "(a bug in lblctl; re-run with --debug for the traceback and report it)")
         sys.exit(1)
     if rc == 130:  # typer turns a KeyboardInterrupt into exit code 130 before the handler above sees it
         ui.console.print(interrupt_message(args), soft_wrap=True, markup=False, highlight=False)

@@ -102,6 +102,13 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path)
         assert_one_line_error(code, err, "--device cuda", "no CUDA")
 
 
+def test_error_text_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A path (or a gloo message) holding ``[/…]`` is text, not rich markup (it raised MarkupError)."""
+    odd = tmp_path / "faces[/b]" / "nope"
+    code, _, err = run_cli(capsys, "pretrain", "--data", str(odd), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "faces[/b]", "no such folder")
+
+
 def test_debug_shows_traceback(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     from lblctl.core.errors import LblError
 
