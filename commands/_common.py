@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from lblctl.core import ui
+from lblctl.core.dist import from_environ
 from lblctl.core.summary import Summary
 
 Opt = typer.Option
@@ -81,7 +82,9 @@ def stage_command(title: str, *, device: bool = True) -> Callable[[Callable[...,
             dev, seed, as_json, quiet = kw.pop("device", "cpu"), kw.pop("seed"), kw.pop("json_out"), kw.pop("quiet")
             kw.pop("debug")
             common = Common(device=start(dev, seed, quiet), seed=seed, json=as_json, quiet=quiet)
-            ui.print_run(body(**kw, common=common), title, as_json)
+            summary = body(**kw, common=common)
+            if from_environ().is_main:  # under torchrun one summary per job, from rank 0
+                ui.print_run(summary, title, as_json)
 
         command.__name__, command.__doc__, command.__module__ = body.__name__, body.__doc__, body.__module__
         command.__signature__ = sig.replace(parameters=own + common_opts, return_annotation=None)  # type: ignore[attr-defined]
@@ -94,7 +97,7 @@ def stage_command(title: str, *, device: bool = True) -> Callable[[Callable[...,
 def start(device: str, seed: int, quiet: bool) -> Any:
     """Apply the common options; returns the torch.device to run on (errors before any work)."""
     from lblctl.core.runtime import resolve_device, seed_everything
-    ui.set_quiet(quiet)
+    ui.set_quiet(quiet or not from_environ().is_main)  # progress and notes from rank 0 only
     dev = resolve_device(device)
     seed_everything(seed)
     return dev

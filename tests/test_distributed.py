@@ -159,8 +159,10 @@ def _torchrun(tmp_path: Path, out: Path, *extra: str, env: dict[str, str] | None
 def test_pretrain_under_torchrun(tmp_path: Path) -> None:
     """2 processes: rank 0 writes the run, every rank its checkpoint shard; another world size is refused."""
     out = tmp_path / "run"
-    res = _torchrun(tmp_path, out, via_nproc=True)  # lblctl pretrain --nproc 2 starts torchrun itself
+    res = _torchrun(tmp_path, out, "--json", via_nproc=True)  # lblctl pretrain --nproc 2 starts torchrun itself
     assert res.returncode == 0, res.stderr[-2000:]
+    summaries = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["steps"] == 4, res.stdout  # one summary per job: rank 0's
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "step_00000004.pt" in ckpts and "step_00000004.rank1.pt" in ckpts
     main_ckpt = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
