@@ -35,7 +35,7 @@ verify="${CVC_VERIFY:-60}"        # identities nobody trains on: the open-set pa
 epochs_c="${CVC_EPOCHS_C:-3}"     # C: epochs on the general set
 min_c="${CVC_MIN_C:-4}"           # C: general identities with at least this many photos …
 max_c="${CVC_MAX_C:-15}"          # … and at most this many of each (LFW is long-tailed)
-epochs_v="${CVC_EPOCHS_V:-6}"     # V: epochs on the ID/spot identities
+epochs_v="${CVC_EPOCHS_V:-10}"    # V: epochs on the ID/spot identities (16 identities × 2 photos a step)
 steps_dp="${CVC_STEPS_DP:-60}"    # C (train-dp): steps of 32 identities × 2 photos
 size=(--input-size 48 --center-crop 0.6)
 width="${CVC_WIDTH:-16}"          # small_cnn base width
@@ -95,7 +95,7 @@ evaluate "$work/c" "$work/c_store" "$work/c_report"
 
 stage "2 V: pretrain --init C, contrastive loss, batch-hard mining, P identities × (ID + spot photo)"
 "${L[@]}" pretrain --data "$s/ids" --out "$work/v" --init "$work/c" --loss contrastive --mining batchhard \
-  --pk-identities 32 --pk-images 2 --pk-id-spot --epochs "$epochs_v" --lr 0.01 --val-fraction 0 \
+  --pk-identities 16 --pk-images 2 --pk-id-spot --epochs "$epochs_v" --lr 0.05 --val-fraction 0 \
   "${common[@]}" --json > "$work/v.json"
 imprint "$work/v" "$work/v_store"
 evaluate "$work/v" "$work/v_store" "$work/v_report"
