@@ -9,6 +9,7 @@ Examples (CPU, a few minutes, on the shipped demo faces; triplet and pair need P
 
     lblctl pretrain --data examples/data/faces --out run --arch small_cnn --input-size 48 --center-crop 0.6 --epochs 3
     lblctl pretrain --data examples/data/faces --out run-tri --input-size 48 --center-crop 0.6 --epochs 3 --loss triplet --pk-identities 16 --pk-images 4
+    lblctl pretrain --data ids --out run-v --init run --loss contrastive --pk-identities 16 --pk-images 2 --pk-id-spot --epochs 2
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def main(
                                       "LFW-a; 1.0 for aligned crops; default 1.0, or --init's).")] = 0.0,
     width: Annotated[int, Opt(help="small_cnn base width (channels of the first convs).")] = 32,
     loss: Annotated[str, Opt(help="cosface (AM-softmax), arcface, combined (m1,m2,m3), center (softmax + λ·centre), "
-                             "pair (softmax + w·same/different head; needs P×K), triplet (needs P×K).")] = "cosface",
+                             "pair (softmax + w·same/different head; needs P×K), triplet or contrastive (no "
+                             "classifier; need P×K).")] = "cosface",
     scale: _loss(["--scale", "-s"], float, "Margin-softmax scale s (default 24 for cosface, 64 for arcface/combined).")
     = None,
     margin: _loss(["--margin", "-m"], float, "Margin m (default 0.2 cosface, 0.5 arcface).") = None,
@@ -53,11 +55,19 @@ def main(
     pair_weight: _loss(["--pair-weight"], float, "pair: weight of the same/different loss (default 0.5).") = None,
     triplet_margin: _loss(["--triplet-margin"], float, "triplet: margin α on squared distances (default 0.2).")
     = None,
-    mining: _loss(["--mining"], str, "triplet: semihard (FaceNet, default) or batchhard.") = None,
+    mining: _loss(["--mining"], str, "triplet: semihard (FaceNet, default) or batchhard; contrastive: batchhard "
+                  "(default: each anchor's hardest positive and negative in the batch) or all.") = None,
+    pos_margin: _loss(["--pos-margin"], float, "contrastive: genuine pairs pulled up to this cosine (default 0.5).")
+    = None,
+    neg_margin: _loss(["--neg-margin"], float, "contrastive: impostor pairs pushed down to this cosine "
+                      "(default 0.2).") = None,
     pk_identities: Annotated[int, Opt("--pk-identities", help="P×K batches: P identities per batch (with "
                                       "--pk-images).", rich_help_panel="Loss")] = 0,
     pk_images: Annotated[int, Opt("--pk-images", help="P×K batches: K photos per identity.",
                                   rich_help_panel="Loss")] = 0,
+    pk_id_spot: Annotated[bool, Opt("--pk-id-spot", help="P×K batches: each identity's K photos are its ID photo + "
+                                    "K−1 spot photos (the V stage of the CVC recipe).",
+                                    rich_help_panel="Loss")] = False,
     batch_size: Annotated[int, Opt(help="Images per step (0 = 128, or P·K with --pk-*).")] = 0,
     epochs: Annotated[int, Opt(help="Epochs (overrides --steps when > 0).")] = 0,
     steps: o.Steps = 1000,
@@ -87,7 +97,7 @@ def main(
     relaunch(nproc)
     loss_kwargs = {"s": scale, "m": margin, "m1": m1, "m2": m2, "m3": m3, "head": head, "center_alpha": center_alpha,
                    "center_weight": center_weight, "pair_weight": pair_weight, "triplet_margin": triplet_margin,
-                   "mining": mining}
+                   "mining": mining, "pos_margin": pos_margin, "neg_margin": neg_margin}
     train = TrainConfig(steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
                         log_every=log_every, seed=common.seed, tensorboard=tensorboard)
@@ -95,5 +105,5 @@ def main(
         data=data, out=out, arch=arch, embedding_size=embedding_size, input_size=input_size or None,
         center_crop=center_crop, arch_kwargs={"width": width} if arch in ("small_cnn", "") else {}, init=init,
         loss=loss, loss_kwargs={k: v for k, v in loss_kwargs.items() if v is not None}, batch_size=batch_size,
-        pk_identities=pk_identities, pk_images=pk_images, epochs=epochs or None, val_fraction=val_fraction,
+        pk_identities=pk_identities, pk_images=pk_images, pk_id_spot=pk_id_spot, epochs=epochs or None, val_fraction=val_fraction,
         min_images=min_images, workers=default_workers(workers), resume=resume, train=train), common.device)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lblctl.core.errors import LblError
+from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.models.checkpoint import Backbone, load_backbone
 
 DEFAULT_ARCH = "small_cnn"
@@ -28,8 +28,11 @@ def apply_init(cfg: Any, device: torch.device | str) -> Backbone | None:
         cfg.embedding_size = cfg.embedding_size or DEFAULT_EMBEDDING
         cfg.center_crop = cfg.center_crop or 1.0
         return None
-    bb = load_backbone(cfg.init, device)
     where = f"--init {cfg.init}"
+    try:
+        bb = load_backbone(cfg.init, device)
+    except IncompatibleArtifact as exc:  # the loader names the file as --backbone; here it is --init
+        raise IncompatibleArtifact(str(exc).replace(f"--backbone {cfg.init}", where, 1)) from None
     if cfg.arch and cfg.arch != bb.arch:
         raise LblError(f"{where}: is a {bb.arch} backbone, not --arch {cfg.arch}; leave out --arch to "
                        "fine-tune it as it is")

@@ -2,8 +2,8 @@
 
 Margin-softmax heads take their weight matrix from outside (``forward(embeddings, weight,
 labels)`` → :class:`HeadOutput`): ``pretrain`` passes its own classifier parameter, ``train-dp``
-the K prototypes gathered from the store. The other losses (centre, triplet, pair verification)
-work on the batch's embeddings and labels alone; :class:`Objective` adds them up the way
+the K prototypes gathered from the store. The other losses (centre, triplet, contrastive, pair
+verification) work on the batch's embeddings and labels alone; :class:`Objective` adds them up the way
 ``pretrain --loss NAME`` asks, and keeps every piece of state (classifier, centres, pair head) in
 modules that the :class:`~lblctl.train.engine.Trainer` checkpoints.
 """
@@ -185,6 +185,62 @@ class TripletLoss(nn.Module):
         return HeadOutput(loss, cosine.detach())
 
 
+def batch_hard(cosine: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per anchor: the cosine of its least similar positive and of its most similar negative in
+    the batch (the hardest of each, Hermans et al.), and whether it has both."""
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos, neg = same & ~eye, ~same
+    hard_pos = cosine.masked_fill(~pos, 2.0).amin(1)
+    hard_neg = cosine.masked_fill(~neg, -2.0).amax(1)
+    return hard_pos, hard_neg, pos.any(1) & neg.any(1)
+
+
+def hard_pair_accuracy(cosine: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of anchors whose hardest positive is more similar than their hardest negative:
+    a verification accuracy of the batch (1.0 = one threshold would split every genuine pair from
+    every impostor pair that touches the anchor)."""
+    hard_pos, hard_neg, valid = batch_hard(cosine.detach(), labels)
+    return float((hard_pos > hard_neg)[valid].float().mean()) if bool(valid.any()) else 0.0
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive (pair) loss on cosine similarities (Hadsell et al.; pytorch-metric-learning's
+    ``ContrastiveLoss`` with cosine similarity), hard pairs mined inside the batch.
+
+    A genuine pair is pulled up to cos ≥ ``pos_margin``, an impostor pair pushed down to
+    cos ≤ ``neg_margin``: relu(pos_margin − cos(a, p)) + relu(cos(a, n) − neg_margin).
+    ``batchhard`` (default): every anchor takes its least similar positive and its most similar
+    negative in the batch (with ID + spot batches: the other photos of its identity, and the
+    most confusable photo of another identity). ``all``: the mean over every genuine pair plus
+    the mean over every impostor pair, no mining (the baseline that mining should beat).
+    """
+
+    def __init__(self, pos_margin: float = 0.5, neg_margin: float = 0.2, mining: str = "batchhard") -> None:
+        super().__init__()
+        if mining not in ("batchhard", "all"):
+            raise LblError(f"--mining {mining}: choose batchhard or all for --loss contrastive")
+        if not -1.0 <= neg_margin < pos_margin <= 1.0:
+            raise LblError(f"--pos-margin {pos_margin} --neg-margin {neg_margin}: need −1 ≤ neg < pos ≤ 1 "
+                           "(cosine similarities)")
+        self.pos_margin, self.neg_margin, self.mining = float(pos_margin), float(neg_margin), mining
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        x = F.normalize(embeddings.float(), dim=1)
+        cosine = (x @ x.T).clamp(-1.0, 1.0)
+        if self.mining == "batchhard":
+            hard_pos, hard_neg, valid = batch_hard(cosine, labels)
+            losses = (F.relu(self.pos_margin - hard_pos) + F.relu(hard_neg - self.neg_margin))[valid]
+            loss = losses.mean() if len(losses) else cosine.sum() * 0.0
+        else:
+            i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+            same, c = labels[i] == labels[j], cosine[i, j]
+            parts = [F.relu(self.pos_margin - c[same]).mean()] if bool(same.any()) else []
+            parts += [F.relu(c[~same] - self.neg_margin).mean()] if bool((~same).any()) else []
+            loss = torch.stack(parts).sum() if parts else cosine.sum() * 0.0
+        return HeadOutput(loss, cosine.detach())
+
+
 class PairVerificationLoss(nn.Module):
     """Same/different binary head over a pair's embeddings (the seed's multi-loss).
 
@@ -212,8 +268,9 @@ class PairVerificationLoss(nn.Module):
 # ----------------------------------------------------------------------------- objectives
 
 MARGIN_HEADS = ("cosface", "arcface", "combined")
-LOSSES = (*MARGIN_HEADS, "center", "triplet", "pair")
-NEEDS_PK = ("triplet", "pair")
+LOSSES = (*MARGIN_HEADS, "center", "triplet", "pair", "contrastive")
+NEEDS_PK = ("triplet", "pair", "contrastive")
+METRIC_LOSSES = ("triplet", "contrastive")  # no classifier: the batch's embeddings and labels alone
 
 # defaults per margin head (cosface: the seed's AM-softmax; arcface/combined: insightface's)
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -225,10 +282,12 @@ EXTRA_DEFAULTS: dict[str, dict[str, Any]] = {
     "center": {"head": "cosface", "center_alpha": 0.5, "center_weight": 0.1},
     "pair": {"head": "cosface", "pair_weight": 0.5},
     "triplet": {"triplet_margin": 0.2, "mining": "semihard"},
+    "contrastive": {"pos_margin": 0.5, "neg_margin": 0.2, "mining": "batchhard"},
 }
 FLAGS = {"s": "--scale", "m": "--margin", "m1": "--m1", "m2": "--m2", "m3": "--m3", "head": "--head",
          "center_alpha": "--center-alpha", "center_weight": "--center-weight",
-         "triplet_margin": "--triplet-margin", "mining": "--mining", "pair_weight": "--pair-weight"}
+         "triplet_margin": "--triplet-margin", "mining": "--mining", "pair_weight": "--pair-weight",
+         "pos_margin": "--pos-margin", "neg_margin": "--neg-margin"}
 
 
 def resolve_loss_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +325,8 @@ class ObjectiveOutput(NamedTuple):
 
 
 class Objective(nn.Module):
-    """What ``pretrain`` minimises: a margin head (+ λ·centre or + w·pair) or a triplet loss.
+    """What ``pretrain`` minimises: a margin head (+ λ·centre or + w·pair), or a triplet or
+    contrastive loss on the batch alone (no classifier: the V stage of CVC).
 
     Its state (classifier, centres, pair head) is handed out by :meth:`state_modules`, so that the
     trainer checkpoints it and the optimiser sees the trainable parts.
@@ -281,10 +341,14 @@ class Objective(nn.Module):
         self.center: CenterLoss | None = None
         self.pair: PairVerificationLoss | None = None
         self.triplet: TripletLoss | None = None
+        self.contrastive: ContrastiveLoss | None = None
         self.center_weight = float(opts.get("center_weight", 0.0))
         self.pair_weight = float(opts.get("pair_weight", 0.0))
         if name == "triplet":
             self.triplet = TripletLoss(opts["triplet_margin"], opts["mining"])
+            return
+        if name == "contrastive":
+            self.contrastive = ContrastiveLoss(opts["pos_margin"], opts["neg_margin"], opts["mining"])
             return
         head = name if name in MARGIN_HEADS else opts["head"]
         self.head = build_loss(head, **{k: opts[k] for k in HEAD_DEFAULTS[head]})
@@ -304,9 +368,11 @@ class Objective(nn.Module):
         return {k: m for k, m in named.items() if m is not None}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
-        if self.triplet is not None:
-            out = self.triplet(embeddings, labels)
-            return ObjectiveOutput(out.loss, {"triplet_loss": float(out.loss.detach())})
+        metric = self.triplet if self.triplet is not None else self.contrastive
+        if metric is not None:
+            out = metric(embeddings, labels)
+            return ObjectiveOutput(out.loss, {f"{self.name}_loss": float(out.loss.detach()),
+                                              "train_accuracy": hard_pair_accuracy(out.cosine, labels)})
         assert self.head is not None and self.classifier is not None
         out = self.head(embeddings, self.classifier.weight, labels)
         metrics = {"train_accuracy": float((out.cosine.argmax(1) == labels).float().mean()),

@@ -2,7 +2,9 @@
 
 Identities are split: most train the classifier, a held-out set (≥ 2 photos each) measures
 verification accuracy at the end of every epoch, so the figure is on people never seen.
-Triplet and pair losses draw P identities × K photos per batch (:class:`PKBatchSampler`).
+Triplet, contrastive and pair losses draw P identities × K photos per batch (:class:`PKBatchSampler`);
+with ``pk_id_spot`` the K photos are the identity's ID photo + K − 1 spot photos, which with
+``--loss triplet|contrastive --mining batchhard`` is the verification stage (V) of the CVC recipe.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from lblctl.models.backbones import create_backbone, default_input_size
 from lblctl.models.checkpoint import FILENAME, Backbone, save_backbone
 from lblctl.models.embed import embed_paths
 from lblctl.models.init import apply_init, manifest_arch_kwargs
-from lblctl.models.losses import MARGIN_HEADS, NEEDS_PK, Objective, resolve_loss_options
+from lblctl.models.losses import MARGIN_HEADS, METRIC_LOSSES, NEEDS_PK, Objective, resolve_loss_options
 from lblctl.models.partial_fc import ShardedObjective
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 from lblctl.train.samplers import PKBatchSampler, RankSlice
@@ -56,6 +58,7 @@ class PretrainConfig:
     batch_size: int = 0  # 0 = 128, or P·K with pk_identities × pk_images
     pk_identities: int = 0  # P×K batches (needed by triplet and pair): P identities …
     pk_images: int = 0  # … × K photos each; the batch size is then P·K
+    pk_id_spot: bool = False  # each identity's K photos: its ID photo + K − 1 spot photos (CVC's V stage)
     epochs: int | None = None
     val_fraction: float = 0.1
     val_max_pairs: int = 3000
@@ -119,6 +122,8 @@ def check_loss_options(cfg: PretrainConfig) -> bool:
     if cfg.loss in NEEDS_PK and not p:
         raise LblError(f"--loss {cfg.loss}: needs genuine pairs in every batch; add --pk-identities P "
                        "--pk-images K (e.g. 16 and 4)")
+    if cfg.pk_id_spot and not p:
+        raise LblError("--pk-id-spot: takes P×K batches; add --pk-identities P --pk-images K (e.g. 16 and 2)")
     return p > 0
 
 
@@ -182,8 +187,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | 
     labels_of_identity[train_ids] = np.arange(len(train_ids))
     rows = index.select_images("all", train_ids)
     labels = labels_of_identity[index.image_identity[rows]]
+    is_id = index.is_id[rows] if cfg.pk_id_spot else None
     if use_pk:
-        pk = PKBatchSampler(labels, cfg.pk_identities, cfg.pk_images, cfg.train.seed)
+        pk = PKBatchSampler(labels, cfg.pk_identities, cfg.pk_images, cfg.train.seed, is_id=is_id)
         steps_per_epoch = pk.batches_per_epoch()
     else:
         if len(rows) < cfg.batch_size:
@@ -212,7 +218,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | 
     trainer = Trainer(tcfg, device, {"backbone": model, **state}, groups, out, env=env)
     data_fp = describe_input(cfg.data)
     loss_state = {"loss": cfg.loss, "loss_kwargs": dict(objective.options),
-                  "pk": [cfg.pk_identities, cfg.pk_images], "arch": cfg.arch}
+                  "pk": [cfg.pk_identities, cfg.pk_images], "arch": cfg.arch, "pk_id_spot": cfg.pk_id_spot}
     if cfg.resume:
         try:
             step = trainer.resume()
@@ -241,7 +247,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | 
         sampler: EpochBatchSampler | PKBatchSampler
         if use_pk:
             sampler = PKBatchSampler(labels, cfg.pk_identities, cfg.pk_images, tcfg.seed, epoch=epoch,
-                                     start=start)
+                                     start=start, is_id=is_id)
         else:
             sampler = EpochBatchSampler(len(rows), cfg.batch_size, tcfg.seed, epoch=epoch, start=start)
         if env.active:
@@ -304,6 +310,10 @@ def pretrain(cfg: PretrainConfig, device: torch.device, env: dist_env.DistEnv | 
     }
     summary["loss"] = cfg.loss
     summary["loss_options"] = dict(objective.options)
+    summary["classifier"] = cfg.loss not in METRIC_LOSSES  # triplet/contrastive train the backbone alone
+    if use_pk:
+        summary["batches"] = {"identities": cfg.pk_identities, "photos_per_identity": cfg.pk_images,
+                              "id_spot": cfg.pk_id_spot, "identities_sampled": len(pk.groups)}
     summary.pop("last_epoch", None)
     files = [FILENAME, LOG_FILE] + (["problems.csv"] if problems.count else [])
     ckpt = latest_checkpoint(out)

@@ -147,9 +147,14 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
     journal_path = ckpt_dir / JOURNAL
     if (latest_checkpoint(out) is not None or journal_path.exists()) and not cfg.resume:
         raise LblError(f"--out {out}: holds an earlier train-dp run; add --resume to continue it or choose a new --out")
-    store_dir = _prepare_store(cfg)
-
     backbone = load_backbone(cfg.backbone, device) if cfg.backbone is not None else None
+    if backbone is not None and cfg.out_store is not None and not (Path(cfg.out_store) / "prototypes.h5").exists():
+        try:  # a store of another size or backbone is refused before --out-store copies it
+            PrototypeStore.open(cfg.store, "r", expect_embedding_size=backbone.embedding_size,
+                                expect_backbone_fingerprint=backbone.fingerprint, cache="mmap", populate=False).close()
+        except IncompatibleArtifact as exc:
+            raise IncompatibleArtifact(_trained_store_advice(Path(cfg.store), str(exc))) from None
+    store_dir = _prepare_store(cfg)
     try:
         store = PrototypeStore.open(
             store_dir, "r+",

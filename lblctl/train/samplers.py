@@ -26,21 +26,35 @@ class PKBatchSampler(Sampler[list[int]]):
     visits every identity at most once); each visit takes the next ``k`` photos of the identity's
     own shuffled cycle, so its photos are all used before any repeats (an identity with fewer
     than ``k`` repeats them inside the batch). ``start`` skips that many batches of the epoch.
+
+    With ``is_id`` (which items are ID photos), every visit is **one ID photo + k − 1 spot
+    photos** of the identity (the ID-vs-spot pairs of the CVC recipe's V stage): the ID photo
+    cycles through the identity's ID photos, the spots through its own shuffled cycle, and
+    identities without an ID photo or without a spot photo are left out.
     """
 
     def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, epoch: int = 0, start: int = 0,
-                 min_images: int = 2) -> None:
+                 min_images: int = 2, is_id: np.ndarray | None = None) -> None:
         if p < 2 or k < 2:
             raise LblError(f"--pk-identities {p} --pk-images {k}: need at least 2 identities × 2 images")
         labels = np.asarray(labels, dtype=np.int64)
         order = np.argsort(labels, kind="stable")
         ids, first, counts = np.unique(labels[order], return_index=True, return_counts=True)
         keep = counts >= min_images
+        self.id_groups: list[np.ndarray] | None = None
+        if is_id is not None:
+            is_id = np.asarray(is_id, dtype=bool)
+            n_id = np.add.reduceat(is_id[order].astype(np.int64), first) if len(first) else first
+            keep &= (n_id > 0) & (n_id < counts)
         self.groups = [order[f:f + c] for f, c in zip(first[keep], counts[keep], strict=True)]
+        if is_id is not None:
+            self.id_groups = [g[is_id[g]] for g in self.groups]
+            self.groups = [g[~is_id[g]] for g in self.groups]  # the spot photos
         self.identities = ids[keep]
         if len(self.groups) < p:
-            raise LblError(f"--pk-identities {p}: only {len(self.groups)} identities have ≥ {min_images} "
-                           "photos; lower P or add data")
+            need = "an ID photo and a spot photo" if is_id is not None else f"≥ {min_images} photos"
+            raise LblError(f"--pk-identities {p}: only {len(self.groups)} identities have {need}; "
+                           "lower P or add data")
         self.items = int(counts[keep].sum())
         self.p, self.k, self.seed, self.epoch, self.start = p, k, seed, epoch, start
 
@@ -67,11 +81,18 @@ class PKBatchSampler(Sampler[list[int]]):
                 picks = []
                 for g in order[b * self.p:(b + 1) * self.p]:
                     group, queue = self.groups[g], cycles.setdefault(int(g), [])
-                    if len(queue) < self.k:  # start a fresh shuffled cycle (no repeats within a visit)
-                        reps = -(-self.k // len(group))
+                    k = self.k if self.id_groups is None else self.k - 1
+                    if self.id_groups is not None:  # the ID photo first, in turn when there are several
+                        id_queue = cycles.setdefault(-1 - int(g), [])
+                        if not id_queue:
+                            id_queue[:] = rng.permutation(self.id_groups[g]).tolist()
+                        picks.append(id_queue[:1])
+                        del id_queue[:1]
+                    if len(queue) < k:  # start a fresh shuffled cycle (no repeats within a visit)
+                        reps = -(-k // len(group))
                         queue[:] = np.concatenate([rng.permutation(group) for _ in range(reps)]).tolist()
-                    picks.append(queue[: self.k])
-                    del queue[: self.k]
+                    picks.append(queue[:k])
+                    del queue[:k]
                 batches.append(np.concatenate(picks))
         return batches
 
