@@ -55,6 +55,23 @@ def test_sampler_epoch_visits_everyone_once_and_fills_short_queues() -> None:
     assert sorted(full.tolist()) == list(range(n)) and np.array_equal(full[:5], s.seeds(0))
 
 
+def test_sampler_epoch_order_is_a_keyed_permutation_computed_per_step() -> None:
+    trainable = np.arange(3, 3 + 3 * 97, 3)  # 97 rows with photos, 4 per step: 24 steps, one row left over
+    s = DominantSampler(400, trainable, classes=8, sampled=4, seed=9)
+    assert s.steps_per_epoch == 24
+    for epoch in (0, 1):
+        seen = np.concatenate([s.seeds(epoch * 24 + t) for t in range(24)])
+        assert len(set(seen.tolist())) == 96 and set(seen.tolist()) <= set(trainable.tolist())
+    assert not np.array_equal(s.seeds(0), s.seeds(24))  # each epoch its own order
+    resumed = DominantSampler(400, trainable, classes=8, sampled=4, seed=9)  # a resumed run starts mid-epoch
+    assert [resumed.seeds(t).tolist() for t in (37, 5, 36)] == [s.seeds(t).tolist() for t in (37, 5, 36)]
+    assert not np.array_equal(DominantSampler(400, trainable, 8, 4, seed=10).seeds(5), s.seeds(5))
+    # a step's cost does not grow with N: no per-epoch table of all rows (10^12 of them would not fit in memory)
+    huge = np.lib.stride_tricks.as_strided(np.arange(1, dtype=np.int64), shape=(10**12,), strides=(0,))
+    big = DominantSampler(10**12, huge, classes=64, sampled=16, seed=0)
+    assert big.seeds(123_456_789).shape == (16,)
+
+
 def test_hardest_wrong_is_the_best_other_class() -> None:
     cos = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.1, 0.7, 0.6]])
     labels = torch.tensor([0, 2, 2])
