@@ -195,3 +195,24 @@ def test_streamer_thread_runs_torch_single_threaded(tmp_path: Path) -> None:
     st.close()
     store.close()
     journal.close()
+
+
+def test_streamer_chooses_rows_of_steps_ahead_for_the_store_to_prefetch(tmp_path: Path) -> None:
+    """Issue 18: with lookahead d, step t+1+d's rows are chosen (in the background thread) when step t+1 is
+    handed out, and handed to the store's prefetch, so that a cold gather finds its pages already read."""
+    st, store, journal = _streamer(tmp_path, True)
+    asked: list[tuple[str, int]] = []
+    select = st.select
+    st.select = lambda step: asked.append((threading.current_thread().name[:12], step)) or select(step)
+    st.lookahead = 3
+    st.start(0, select(0))
+    for step in range(3):
+        data = st.next()
+        st.write_back(data, data.vectors, data.momentum, commit_as=step + 1)
+    st.drain()
+    st.close()  # the thread's queued work is done
+    assert [s for t, s in asked if t == "MainThread"] == [1, 2, 3]  # the step after the one handed out
+    # read-ahead: the steps between at the start, then t+1+3 whenever step t+1 is handed out
+    assert sorted(s for t, s in asked if t == "lblctl-store") == [2, 3, 4, 5, 6]
+    journal.close()
+    store.close()

@@ -91,10 +91,11 @@ class DominantSampler:
     def seeds(self, step: int) -> np.ndarray:
         """The S sampled identities of ``step``: positions ``pos·S … pos·S+S−1`` of its epoch's permutation."""
         epoch, pos = divmod(int(step), self.steps_per_epoch)
-        if self._perm is None or self._perm.epoch != epoch:
-            self._perm = _EpochPermutation(len(self.trainable), self.seed, epoch)
+        perm = self._perm  # one read: another thread (the streamer's read-ahead) may replace it meanwhile
+        if perm is None or perm.epoch != epoch:
+            perm = self._perm = _EpochPermutation(len(self.trainable), self.seed, epoch)
         at = np.arange(pos * self.sampled, (pos + 1) * self.sampled, dtype=np.uint64)
-        return self.trainable[self._perm(at).astype(np.int64)]
+        return self.trainable[perm(at).astype(np.int64)]
 
     def select(self, step: int, dominant_of: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
         """The K class rows of ``step``; the first ``sampled`` are the sampled identities."""
