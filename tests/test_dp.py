@@ -99,6 +99,13 @@ def test_undo_journal_roundtrip_and_torn_tail(tmp_path: Path) -> None:
     (tmp_path / "torn.bin").write_bytes(data[:-5])  # killed in the middle of the last record
     step, recs = UndoJournal.read(tmp_path / "torn.bin")
     assert step == 7 and [r[0] for r in recs] == ["prot"]
+    half = np.array([[0.1, -2.0]], dtype=np.float16)  # a float16 store's rows are journalled as they are stored
+    j3 = UndoJournal(tmp_path / "half.bin", num_rows=100)
+    j3.reset(1)
+    j3.record("mome", np.array([4]), half)
+    j3.close()
+    _, recs = UndoJournal.read(tmp_path / "half.bin")
+    assert recs[0][2].dtype == np.float16 and np.array_equal(recs[0][2], half)
     j2 = UndoJournal(tmp_path / "undo.bin", num_rows=100)
     j2.reset(9)  # a new checkpoint empties it
     assert UndoJournal.read(tmp_path / "undo.bin") == (9, [])

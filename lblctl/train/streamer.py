@@ -102,10 +102,11 @@ class StoreStreamer:
 
     def _write(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
         new = self.journal.first_touch("prot", rows)
-        if len(new):  # the rows' values at the checkpoint, saved before their first overwrite
-            self.journal.record("prot", new, self.store.gather(new))
+        if len(new):  # the rows' values at the checkpoint, saved before their first overwrite, in the store's
+            kept = np.float16 if self.store.dtype == "float16" else np.float32  # dtype (exact; half the bytes)
+            self.journal.record("prot", new, self.store.gather(new).astype(kept))
             if self.store.has_momentum:
-                self.journal.record("mome", new, self.store.gather_momentum(new))
+                self.journal.record("mome", new, self.store.gather_momentum(new).astype(kept))
         self.store.scatter(rows, vec, momentum=mom, normalised=True)  # the bits the next step was patched with
         self.store.commit(step)
 
