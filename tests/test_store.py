@@ -315,6 +315,27 @@ with PrototypeStore.open(sys.argv[1], "r+", cache="mmap", write_cache_rows=200_0
 """
 
 
+def test_a_checkpoint_does_not_wait_for_the_last_write_back(tmp_path: Path) -> None:
+    """flush(wait=False) while the previous write-back is still under way only makes the log durable:
+    no second write-back starts (that would wait for the first), the new rows stay in the cache."""
+    folder = tmp_path / "s"
+    make(folder, n=100_000, d=16, dtype="float16")
+    rng = np.random.default_rng(0)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=200_000) as s:
+        for step in range(3):
+            rows = rng.choice(100_000, 30_000, replace=False)
+            s.scatter(rows, rng.normal(size=(30_000, 16)), step=step)
+        s.flush(wait=False)
+        s.scatter(np.arange(50), rng.normal(size=(50, 16)), step=3)
+        assert s.flushing  # 90,000 rows take a while to write back
+        s.flush(wait=False)
+        assert s.stats["background_flushes"] == 1 and s.stats["flush_wait_s"] == 0 and s.cached_rows == 50
+        want = s.gather(np.arange(100_000))
+    with PrototypeStore.open(folder) as r:
+        assert r.recovery == "clean" and r.committed_step == 3
+        np.testing.assert_array_equal(r.gather(np.arange(100_000)), want)
+
+
 def test_kill_during_background_write_back_recovers(tmp_path: Path) -> None:
     folder = tmp_path / "s"
     vecs = make(folder, n=100_000, d=16, dtype="float16")

@@ -48,6 +48,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,9 @@ class PrototypeStore:
         self._generation = 0
         self._flusher: threading.Thread | None = None
         self._flush_error: BaseException | None = None
+        self._reader: ThreadPoolExecutor | None = None  # prefetch: posix_fadvise off the caller's thread
+        self._reads_queued = 0
+        self._reads_lock = threading.Lock()
         self._wal_limit = 0
         self.stats: dict[str, float] = {"commits": 0, "commit_s": 0.0, "wal_bytes": 0, "flushes": 0,
                                         "flush_s": 0.0, "flushed_rows": 0, "flush_wait_s": 0.0,
@@ -571,10 +575,26 @@ class PrototypeStore:
         if self._ram_vec is not None or self._populated:
             return
         rows = self._check_rows(rows)
-        if len(rows):
+        with self._reads_lock:
+            if not len(rows) or self._reads_queued >= 4:  # a hint: dropped when the disk is that far behind
+                return
+            self._reads_queued += 1
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="lblctl-readahead")
+        self._reader.submit(self._read_ahead, rows)
+
+    def _read_ahead(self, rows: np.ndarray) -> None:
+        """The readahead thread: one posix_fadvise per page run (each waits while the disk queue is full,
+        ~70 µs a page here, so it must not run on the thread that gathers)."""
+        try:
             self._advise(rows, "vec")
             if self._has_mom:
                 self._advise(rows, "mom")
+        except OSError:
+            pass  # a hint only (the store may be closing)
+        finally:
+            with self._reads_lock:
+                self._reads_queued -= 1
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows as a K×D float32 array (staged, uncommitted rows included)."""
@@ -1056,13 +1076,16 @@ class PrototypeStore:
 
         ``wait=False`` (train-dp at each checkpoint): fsync the active log, so that every commit so far
         is durable (the checkpoint's commit point), then hand the write-back to the flusher thread and
-        return; the caller's next steps run while it writes. Any later write waits for it only if the
-        new cache fills first."""
+        return; the caller's next steps run while it writes. A write-back still under way from the last
+        checkpoint is not waited for (the cache goes on filling; the next checkpoint or a full cache writes
+        it back). Any later write waits for a write-back only if the new cache fills first."""
         if not wait and self.mode == "r+" and self._wb is not None:
             self._check_open()
             assert self._wal is not None
-            self._wal.sync()
-            self._start_flush()
+            self._wal.sync()  # the checkpoint's commit point: every commit so far is durable in the log
+            self._reap_flush()
+            if self._flusher is None:  # one write-back at a time: a checkpoint never waits for the last one
+                self._start_flush()
             return
         if self.mode == "r+":
             self._flush_cache()
@@ -1128,6 +1151,9 @@ class PrototypeStore:
             if self._flusher is not None:  # an error above: the write-back still ends before the files close
                 self._flusher.join()
                 self._flusher = None
+            if self._reader is not None:
+                self._reader.shutdown(wait=True, cancel_futures=True)
+                self._reader = None
             for i, log in enumerate(self._logs):
                 if log is not None:
                     log.close()
