@@ -405,21 +405,25 @@ def render_scale(r: dict) -> str:
     pf = {(x["n"], x.get("rate")): x for x in r["partial_fc"] if "error" not in x}
     ns = sorted({x["n"] for x in r["lblctl"]})
     base = lb.get((ns[0], "warm"), {}).get("s_per_step_median") if ns else None
+    base_cold = lb.get((ns[0], "cold"), {}).get("s_per_step_median") if ns else None
 
     def f(v: float | None) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
 
     md = [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
           "median s/step after 3 warm-up steps)", "",
-          "| N | dtype | lblctl warm | × 10k | lblctl cold | Partial FC 0.1 | Partial FC 1.0 | PFC 0.1 / lblctl warm |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "| N | dtype | lblctl warm | × 10k warm | lblctl cold | × 10k cold | Partial FC 0.1 | Partial FC 1.0 | "
+          "PFC 0.1 / lblctl warm |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in ns:
         w, c = lb.get((n, "warm"), {}), lb.get((n, "cold"), {})
         p1, p10 = pf.get((n, 0.1), {}).get("s_per_step_median"), pf.get((n, 1.0), {}).get("s_per_step_median")
         sw = w.get("s_per_step_median")
+        sc = c.get("s_per_step_median")
         ratio = f"{sw / base:.2f}" if sw and base else "–"
-        speed = f"×{p1 / sw:.0f}" if p1 and sw else "–"
-        md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(c.get('s_per_step_median'))} | "
+        ratio_cold = f"{sc / base_cold:.2f}" if sc and base_cold else "–"
+        speed = (f"×{p1 / sw:.1f}" if p1 / sw < 10 else f"×{p1 / sw:.0f}") if p1 and sw else "–"
+        md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(sc)} | {ratio_cold} | "
                   f"{f(p1)} | {f(p10)} | {speed} |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
            "checkpoint = main thread's time in store.flush per checkpoint; write-back = the flusher thread's total)",
