@@ -290,7 +290,7 @@ class PrototypeStore:
         ``durable`` fsyncs every commit (power-loss safe, ~10–100 ms a commit).
         ``write_cache_rows`` (writers): committed rows kept in memory before they are written to the
         file in row order (default 65,536, fewer when memory is short); its memory is
-        ``rows × D × itemsize × (2 with momentum)``.
+        ``rows × D × itemsize × (2 with momentum)``, twice that while a write-back runs in the background.
         """
         if mode not in ("r", "r+"):
             raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
