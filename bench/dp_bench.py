@@ -6,6 +6,7 @@
     python bench/dp_bench.py --quick            # all three, small
     python bench/dp_bench.py --part scale --sizes 10000,100000,1000000,10000000 \
         --pfc-path /path/to/arcface_torch/partial_fc_v2.py   # issue 18: s/step vs N, beside Partial FC
+        [--scratch DIR --keep]   # keep (and reuse) the synthetic stores: a 10M float16 store is 21 GB
 
 Results: bench/results/dp_bench.json and .md (merged per part, with the machine); the scale part
 writes bench/results/dp_scale.json and .md.
@@ -190,7 +191,8 @@ def run_overhead(n: int, steps: int, scratch: Path, k: int, batch: int, repeats:
 # ----------------------------------------------------------------------------- scale (issue 18)
 
 _PARTS = {  # part of a step: the functions whose time it is (module, class, method)
-    "sampler": [("lblctl.train.dp", "DominantSampler", "select")],
+    "sampler": [("lblctl.train.dp", "DominantSampler", "select")],  # this step's rows and the lookahead's
+    "prefetch": [("lblctl.core.store", "PrototypeStore", "prefetch")],  # store thread: readahead of steps ahead
     "gather": [("lblctl.core.store", "PrototypeStore", "gather"),
                ("lblctl.core.store", "PrototypeStore", "gather_momentum")],
     "write_back": [("lblctl.core.store", "PrototypeStore", "scatter"),
@@ -198,6 +200,8 @@ _PARTS = {  # part of a step: the functions whose time it is (module, class, met
     "journal": [("lblctl.core.store", "PrototypeStore", "_append_commit"),
                 ("lblctl.core.undo", "UndoJournal", "record"), ("lblctl.core.undo", "UndoJournal", "first_touch")],
     "queue_update": [("lblctl.core.queues", "Queues", "promote")],
+    "checkpoint_flush": [("lblctl.core.store", "PrototypeStore", "flush")],  # main thread, at checkpoints
+    "background_write_back": [("lblctl.core.store", "PrototypeStore", "_write_back")],  # the flusher thread
 }
 
 
@@ -225,14 +229,34 @@ def _instrument() -> tuple[dict[str, float], list[float]]:
                 finally:
                     depth.on = False
                     totals[_part] += time.perf_counter() - t0
-                    if _part == "sampler":
-                        stamps.append(t0)
 
             setattr(klass, meth, functools.wraps(orig)(timed))
+    from lblctl.train.streamer import StoreStreamer
+
+    handed = StoreStreamer.next
+
+    def stamped(self, _orig=handed):  # StoreStreamer.next runs once per step: its spacing is the step time
+        stamps.append(time.perf_counter())
+        return _orig(self)
+
+    StoreStreamer.next = functools.wraps(handed)(stamped)  # type: ignore[method-assign]
     return totals, stamps
 
 
-def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool) -> dict:
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (written back first): a cold start for them alone,
+    without emptying the whole machine's cache under the other users of a shared box."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool,
+                checkpoint_every: int = 10) -> dict:
     import h5py
     import torch
 
@@ -252,10 +276,19 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     from lblctl.stages.train_dp import TrainDPConfig, train_dp
     from lblctl.train.engine import TrainConfig
 
-    if cold:  # nothing of the store in the page cache, and no pre-faulting at open: every row from the disk
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    if cold:  # nothing of the run's files in the page cache, and no pre-faulting at open: every row from the disk
+        evict([work / "store" / "prototypes.h5", work / "store" / "queues.h5", work / "feats.h5"])
         PrototypeStore._populate = lambda self, populate: None  # type: ignore[method-assign]
+    flushes = {"wait": 0.0, "background": 0}
+    close = PrototypeStore.close
+
+    def close_and_count(self, complete: bool = True, _orig=close) -> None:  # the store's own counters, at the end
+        if self.mode == "r+" and not self._closed:
+            flushes["wait"] += self.stats["flush_wait_s"]
+            flushes["background"] += int(self.stats["background_flushes"])
+        _orig(self, complete)
+
+    PrototypeStore.close = close_and_count  # type: ignore[method-assign]
     totals, stamps = _instrument()
     rss_before = anon_rss_mib()
     out = work / ("run_cold" if cold else "run_warm")
@@ -263,16 +296,21 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     cfg = TrainDPConfig(store=work / "store", out=out, features=work / "feats.h5", classes=k,
                         sampled=k // 4, photos_per_class=2, batch_size=256, workers=1,
                         train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
-                                          log_every=steps, checkpoint_every=0, seed=0))
+                                          log_every=steps, checkpoint_every=checkpoint_every, seed=0))
     s = train_dp(cfg, torch.device("cpu"))
-    gaps = np.diff(np.asarray(stamps[1:]))  # select(s+1) runs once per step: its spacing is the step time
+    gaps = np.diff(np.asarray(stamps))  # StoreStreamer.next runs once per step: its spacing is the step time
     steady = gaps[3:] if len(gaps) > 6 else gaps
     per = {p: v / steps for p, v in totals.items()}
     sps = float(np.median(steady))
+    checkpoints = steps // checkpoint_every if checkpoint_every else 0
     return {
         "n": n, "d": d, "k": k, "batch": 256, "dtype": dtype, "steps": steps, "cache": "cold" if cold else "warm",
         "build_s": round(build_s, 1), "s_per_step_median": sps, "s_per_step_mean": float(np.mean(steady)),
+        "s_per_step_max": float(np.max(steady)), "checkpoint_every": checkpoint_every,
         "run_seconds": s["seconds"], "parts_s_per_step": per,
+        "checkpoint_flush_s_each": totals["checkpoint_flush"] / max(1, checkpoints + 1),
+        "background_write_back_s_total": totals["background_write_back"], "flush_wait_s_total": flushes["wait"],
+        "background_flushes": flushes["background"],
         "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
         "compute_rest_s_per_step": sps - per["sampler"] - per["queue_update"] - s["wait_for_data_s"] / steps,
         "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
@@ -331,24 +369,35 @@ def _child(args: list[str]) -> dict:
 
 
 def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_path: str | None,
-              pfc_steps: int, pfc_max_n: dict[float, int]) -> dict:
+              pfc_steps: int, pfc_max_n: dict[float, int], keep: bool = False, checkpoint_every: int = 10) -> dict:
+    """Per N: build the store (or reuse a kept one), then lblctl warm, lblctl cold and Partial FC back to
+    back, the order alternating from one N to the next (the shared box's load drifts)."""
     rows: list[dict] = []
     pfc: list[dict] = []
-    for n in sizes:
+    for i, n in enumerate(sizes):
         work = scratch / f"scale_{n}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        common = ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps", str(steps), "--scratch", str(work)]
-        for cold in (False, True):
-            rows.append({"n": n, **_child(common + (["--cold"] if cold else ["--build"]))})
-            print(json.dumps(rows[-1]), flush=True)
-        shutil.rmtree(work, ignore_errors=True)
-        for rate, top in pfc_max_n.items():
-            if pfc_path and n <= top:
-                pfc.append({"n": n, **_child(["--child-pfc", str(n), "--d", str(d), "--rate", str(rate),
-                                              "--steps", str(pfc_steps), "--pfc-path", pfc_path])})
-                print(json.dumps(pfc[-1]), flush=True)
-    return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps}
+        built = (work / "store" / "manifest.json").is_file() and (work / "feats.h5").is_file()
+        if not (keep and built):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        common = ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps", str(steps), "--scratch", str(work),
+                  "--checkpoint-every", str(checkpoint_every)]
+        jobs: list[tuple[str, list[str]]] = [("warm", common + ([] if keep and built else ["--build"])),
+                                             ("cold", common + ["--cold"])]
+        if pfc_path:
+            jobs += [("pfc", ["--child-pfc", str(n), "--d", str(d), "--rate", str(rate), "--steps", str(pfc_steps),
+                              "--pfc-path", pfc_path]) for rate, top in pfc_max_n.items() if n <= top]
+        if i % 2:  # odd N: Partial FC first, then lblctl cold, then warm (the store is built by a first warm run)
+            jobs = ([j for j in jobs if j[0] == "pfc"][::-1] + [j for j in jobs if j[0] == "cold"]
+                    + [j for j in jobs if j[0] == "warm"]) if keep and built else jobs
+        for kind, args in jobs:
+            res = {"n": n, **_child(args), "order": len(rows) + len(pfc)}
+            (pfc if kind == "pfc" else rows).append(res)
+            print(json.dumps(res), flush=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps,
+            "checkpoint_every": checkpoint_every}
 
 
 def render_scale(r: dict) -> str:
@@ -356,35 +405,45 @@ def render_scale(r: dict) -> str:
     pf = {(x["n"], x.get("rate")): x for x in r["partial_fc"] if "error" not in x}
     ns = sorted({x["n"] for x in r["lblctl"]})
     base = lb.get((ns[0], "warm"), {}).get("s_per_step_median") if ns else None
+    base_cold = lb.get((ns[0], "cold"), {}).get("s_per_step_median") if ns else None
 
     def f(v: float | None) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
 
     md = [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
           "median s/step after 3 warm-up steps)", "",
-          "| N | dtype | lblctl warm | × 10k | lblctl cold | Partial FC 0.1 | Partial FC 1.0 | PFC 0.1 / lblctl warm |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "| N | dtype | lblctl warm | × 10k warm | lblctl cold | × 10k cold | Partial FC 0.1 | Partial FC 1.0 | "
+          "PFC 0.1 / lblctl warm |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in ns:
         w, c = lb.get((n, "warm"), {}), lb.get((n, "cold"), {})
         p1, p10 = pf.get((n, 0.1), {}).get("s_per_step_median"), pf.get((n, 1.0), {}).get("s_per_step_median")
         sw = w.get("s_per_step_median")
+        sc = c.get("s_per_step_median")
         ratio = f"{sw / base:.2f}" if sw and base else "–"
-        speed = f"×{p1 / sw:.0f}" if p1 and sw else "–"
-        md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(c.get('s_per_step_median'))} | "
+        ratio_cold = f"{sc / base_cold:.2f}" if sc and base_cold else "–"
+        speed = (f"×{p1 / sw:.1f}" if p1 / sw < 10 else f"×{p1 / sw:.0f}") if p1 and sw else "–"
+        md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(sc)} | {ratio_cold} | "
                   f"{f(p1)} | {f(p10)} | {speed} |")
-    md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute)", "",
-           "| N | cache | sampler | gather | compute (rest) | write-back | journal | queue update | "
-           "waiting for store | flushes | anon RSS MiB | load avg |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
+           "checkpoint = main thread's time in store.flush per checkpoint; write-back = the flusher thread's total)",
+           "",
+           "| N | cache | step median | step max | sampler | prefetch | gather | compute (rest) | "
+           "write-back (commit) | "
+           "journal | queue update | waiting for store | checkpoint s each | flusher total s | flusher wait s | "
+           "anon RSS MiB | load avg |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["lblctl"]:
         if "error" in x:
-            md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||")
+            md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||||||")
             continue
         p = x["parts_s_per_step"]
-        md.append(f"| {x['n']:,} | {x['cache']} | {p['sampler']:.4f} | {p['gather']:.4f} | "
+        md.append(f"| {x['n']:,} | {x['cache']} | {x['s_per_step_median']:.3f} | {x.get('s_per_step_max', 0):.3f} | "
+                  f"{p['sampler']:.4f} | {p.get('prefetch', 0):.4f} | {p['gather']:.4f} | "
                   f"{x['compute_rest_s_per_step']:.4f} | {p['write_back']:.4f} | {p['journal']:.4f} | "
-                  f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | {x['store_flushes']} | "
-                  f"{x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
+                  f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | "
+                  f"{x.get('checkpoint_flush_s_each', 0):.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
+                  f"{x.get('flush_wait_s_total', 0):.2f} | {x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
     return "\n".join(md)
 
 
@@ -529,13 +588,15 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1, help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--keep", action="store_true", help="scale: keep the stores in --scratch (and reuse them)")
+    ap.add_argument("--checkpoint-every", type=int, default=10, help="scale: train-dp checkpoints (0: none)")
     args = ap.parse_args()
     if args.child_memory:
         print(json.dumps(memory_child(args.child_memory, args.d, args.k, args.steps, Path(args.scratch))))
         return
     if args.child_scale:
         print(json.dumps(scale_child(args.child_scale, args.d, args.k, args.steps, Path(args.scratch), args.cold,
-                                     args.build)))
+                                     args.build, args.checkpoint_every)))
         return
     if args.child_pfc:
         print(json.dumps(pfc_child(args.child_pfc, args.d, args.rate, args.steps, args.pfc_path)))
@@ -545,9 +606,11 @@ def main() -> None:
         top = [int(x) for x in args.pfc_max_n.split(",")]
         try:
             res = run_scale([int(x) for x in args.sizes.split(",")], args.d, args.k, args.steps, scratch,
-                            args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]})
+                            args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]}, args.keep,
+                            args.checkpoint_every)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
         md = render_scale(res)
         write_results("dp_scale", res, md)
         print(md)

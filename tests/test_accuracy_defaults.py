@@ -70,12 +70,15 @@ def test_train_dp_defaults_beat_imprint_all(tmp_path: Path) -> None:
     _cli("imprint", "--features", str(tmp_path / "id.h5"), "--out", str(tmp_path / "store"))
     _cli("imprint", "--features", str(tmp_path / "all.h5"), "--out", str(tmp_path / "store_all"))
     _cli("build-index", "--store", str(tmp_path / "store"), "--candidates", "10", "--dominant", "5")
-    # defaults except the size of the run (K, S, steps), which the README scales to the data
-    _cli("train-dp", "--features", str(tmp_path / "all.h5"), "--store", str(tmp_path / "store"),
-         "--out-store", str(tmp_path / "store_dp"), "--out", str(tmp_path / "run"),
-         "--classes", "16", "--sampled", "4", "--steps", "100", "--checkpoint-every", "0", "--seed", "0")
+    # defaults except the size of the run (K, S, steps), which the README scales to the data; three seeds,
+    # because one seed's figure moves by a probe or two with the sampler's order (280 probes)
+    trained = []
+    for seed in ("0", "1", "2"):
+        _cli("train-dp", "--features", str(tmp_path / "all.h5"), "--store", str(tmp_path / "store"),
+             "--out-store", str(tmp_path / f"store_dp{seed}"), "--out", str(tmp_path / f"run{seed}"),
+             "--classes", "16", "--sampled", "4", "--steps", "100", "--checkpoint-every", "0", "--seed", seed)
+        trained.append(_top1(tmp_path / f"store_dp{seed}", pr, probe_names))
     imprint_id = _top1(tmp_path / "store", pr, probe_names)
     imprint_all = _top1(tmp_path / "store_all", pr, probe_names)
-    trained = _top1(tmp_path / "store_dp", pr, probe_names)
     assert imprint_all > imprint_id  # the baseline is a real one: the spot photos help
-    assert trained > imprint_all, (imprint_id, imprint_all, trained)
+    assert np.mean(trained) > imprint_all and min(trained) > imprint_id, (imprint_id, imprint_all, trained)

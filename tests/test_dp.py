@@ -55,6 +55,23 @@ def test_sampler_epoch_visits_everyone_once_and_fills_short_queues() -> None:
     assert sorted(full.tolist()) == list(range(n)) and np.array_equal(full[:5], s.seeds(0))
 
 
+def test_sampler_epoch_order_is_a_keyed_permutation_computed_per_step() -> None:
+    trainable = np.arange(3, 3 + 3 * 97, 3)  # 97 rows with photos, 4 per step: 24 steps, one row left over
+    s = DominantSampler(400, trainable, classes=8, sampled=4, seed=9)
+    assert s.steps_per_epoch == 24
+    for epoch in (0, 1):
+        seen = np.concatenate([s.seeds(epoch * 24 + t) for t in range(24)])
+        assert len(set(seen.tolist())) == 96 and set(seen.tolist()) <= set(trainable.tolist())
+    assert not np.array_equal(s.seeds(0), s.seeds(24))  # each epoch its own order
+    resumed = DominantSampler(400, trainable, classes=8, sampled=4, seed=9)  # a resumed run starts mid-epoch
+    assert [resumed.seeds(t).tolist() for t in (37, 5, 36)] == [s.seeds(t).tolist() for t in (37, 5, 36)]
+    assert not np.array_equal(DominantSampler(400, trainable, 8, 4, seed=10).seeds(5), s.seeds(5))
+    # a step's cost does not grow with N: no per-epoch table of all rows (10^12 of them would not fit in memory)
+    huge = np.lib.stride_tricks.as_strided(np.arange(1, dtype=np.int64), shape=(10**12,), strides=(0,))
+    big = DominantSampler(10**12, huge, classes=64, sampled=16, seed=0)
+    assert big.seeds(123_456_789).shape == (16,)
+
+
 def test_hardest_wrong_is_the_best_other_class() -> None:
     cos = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.1, 0.7, 0.6]])
     labels = torch.tensor([0, 2, 2])
@@ -82,6 +99,13 @@ def test_undo_journal_roundtrip_and_torn_tail(tmp_path: Path) -> None:
     (tmp_path / "torn.bin").write_bytes(data[:-5])  # killed in the middle of the last record
     step, recs = UndoJournal.read(tmp_path / "torn.bin")
     assert step == 7 and [r[0] for r in recs] == ["prot"]
+    half = np.array([[0.1, -2.0]], dtype=np.float16)  # a float16 store's rows are journalled as they are stored
+    j3 = UndoJournal(tmp_path / "half.bin", num_rows=100)
+    j3.reset(1)
+    j3.record("mome", np.array([4]), half)
+    j3.close()
+    _, recs = UndoJournal.read(tmp_path / "half.bin")
+    assert recs[0][2].dtype == np.float16 and np.array_equal(recs[0][2], half)
     j2 = UndoJournal(tmp_path / "undo.bin", num_rows=100)
     j2.reset(9)  # a new checkpoint empties it
     assert UndoJournal.read(tmp_path / "undo.bin") == (9, [])
@@ -178,3 +202,24 @@ def test_streamer_thread_runs_torch_single_threaded(tmp_path: Path) -> None:
     st.close()
     store.close()
     journal.close()
+
+
+def test_streamer_chooses_rows_of_steps_ahead_for_the_store_to_prefetch(tmp_path: Path) -> None:
+    """Issue 18: with lookahead d, step t+1+d's rows are chosen (in the background thread) when step t+1 is
+    handed out, and handed to the store's prefetch, so that a cold gather finds its pages already read."""
+    st, store, journal = _streamer(tmp_path, True)
+    asked: list[tuple[str, int]] = []
+    select = st.select
+    st.select = lambda step: asked.append((threading.current_thread().name[:12], step)) or select(step)
+    st.lookahead = 3
+    st.start(0, select(0))
+    for step in range(3):
+        data = st.next()
+        st.write_back(data, data.vectors, data.momentum, commit_as=step + 1)
+    st.drain()
+    st.close()  # the thread's queued work is done
+    assert [s for t, s in asked if t == "MainThread"] == [1, 2, 3]  # the step after the one handed out
+    # read-ahead: the steps between at the start, then t+1+3 whenever step t+1 is handed out
+    assert sorted(s for t, s in asked if t == "lblctl-store") == [2, 3, 4, 5, 6]
+    journal.close()
+    store.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from lblctl.core.errors import IncompatibleArtifact, LblError
-from lblctl.core.store import FILENAME, WAL_NAME, PrototypeStore, _normalise
+from lblctl.core.store import FILENAME, WAL2_NAME, WAL_NAME, PrototypeStore, _normalise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,17 +252,112 @@ def test_steps_touch_one_log_and_no_data_page_until_flush(tmp_path: Path) -> Non
             np.testing.assert_allclose(f["prototypes"][:30], unit(vecs)[:30], atol=1e-7)
         np.testing.assert_allclose(s.gather(np.arange(200)), want, atol=1e-7)
         assert s.cached_rows == 30
-        s.scatter(np.arange(100, 115), rng.normal(size=(15, 8)), step=6)  # 45 > 40: the cache is flushed first
-        assert s.cached_rows == 15 and s.stats["flushes"] == 1
+        s.scatter(np.arange(100, 115), rng.normal(size=(15, 8)), step=6)  # 45 > 40: the cache is written back first
+        assert s.cached_rows == 15 and s.stats["background_flushes"] == 1  # ... by the flusher thread
+        s.wait_write_back()
+        assert s.stats["flushes"] == 1
         with h5py.File(folder / FILENAME, "r") as f:
             np.testing.assert_allclose(f["prototypes"][:30], want[:30], atol=1e-7)
             np.testing.assert_allclose(f["momentum"][:30], want_mom[:30], atol=1e-6)
             assert f["committed_step"][0] == 5
+        assert (folder / WAL_NAME).stat().st_size == 16  # written back: its log is empty; step 6 is in the other
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*names, WAL2_NAME])
+        inode2 = (folder / WAL2_NAME).stat().st_ino
         s.flush()
-        assert s.cached_rows == 0 and (folder / WAL_NAME).stat().st_size == 16
+        assert s.cached_rows == 0 and (folder / WAL_NAME).stat().st_size == (folder / WAL2_NAME).stat().st_size == 16
         with h5py.File(folder / FILENAME, "r") as f:
             assert f["committed_step"][0] == 6 and (f["row_step"][100:115] == 6).all()
-        assert (folder / WAL_NAME).stat().st_ino == inode
+        assert (folder / WAL_NAME).stat().st_ino == inode and (folder / WAL2_NAME).stat().st_ino == inode2
+
+
+def test_background_write_back_while_commits_go_on(tmp_path: Path) -> None:
+    """flush(wait=False) returns at once; the flusher writes the frozen rows while new commits go to
+    the other log; reads (this writer's, and a reader's in between) see every commit all along."""
+    folder = tmp_path / "s"
+    vecs = make(folder, n=300, momentum=True)
+    want = unit(vecs).copy()
+    rng = np.random.default_rng(8)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=64) as s:
+        for step in range(40):  # 40 commits of 20 rows through a 64-row cache: many write-backs
+            rows = np.sort(rng.choice(300, 20, replace=False))
+            new = rng.normal(size=(20, 8))
+            s.scatter(rows, new, momentum=new, step=step)
+            want[rows] = unit(new)
+            if step % 7 == 3:
+                s.flush(wait=False)
+            np.testing.assert_allclose(s.gather(np.arange(300)), want, atol=1e-6)
+            if step == 20:
+                with PrototypeStore.open(folder) as r:  # the logs as they are, one of them maybe mid write-back
+                    assert r.committed_step == 20
+                    np.testing.assert_allclose(r.gather(np.arange(300)), want, atol=1e-6)
+        assert s.stats["background_flushes"] >= 10
+    with PrototypeStore.open(folder) as r:
+        assert r.recovery == "clean" and r.committed_step == 39
+        np.testing.assert_allclose(r.gather(np.arange(300)), want, atol=1e-6)
+    assert (folder / WAL_NAME).stat().st_size == (folder / WAL2_NAME).stat().st_size == 16
+
+
+KILL_MID_WRITE_BACK = """
+import os, signal, sys
+import numpy as np
+from lblctl.core.store import PrototypeStore
+with PrototypeStore.open(sys.argv[1], "r+", cache="mmap", write_cache_rows=200_000) as s:
+    for step in range(3):
+        rng = np.random.default_rng(step)
+        rows = rng.choice(s.num_rows, 30_000, replace=False)
+        s.scatter(rows, rng.normal(size=(len(rows), s.embedding_size)), step=step)
+    s.flush(wait=False)
+    rng = np.random.default_rng(3)
+    rows = rng.choice(s.num_rows, 50, replace=False)
+    s.scatter(rows, rng.normal(size=(50, s.embedding_size)), step=3)
+    print("flushing" if s.flushing else "done", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_checkpoint_does_not_wait_for_the_last_write_back(tmp_path: Path) -> None:
+    """flush(wait=False) while the previous write-back is still under way only makes the log durable:
+    no second write-back starts (that would wait for the first), the new rows stay in the cache."""
+    folder = tmp_path / "s"
+    make(folder, n=100_000, d=16, dtype="float16")
+    rng = np.random.default_rng(0)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=200_000) as s:
+        for step in range(3):
+            rows = rng.choice(100_000, 30_000, replace=False)
+            s.scatter(rows, rng.normal(size=(30_000, 16)), step=step)
+        s.flush(wait=False)
+        s.scatter(np.arange(50), rng.normal(size=(50, 16)), step=3)
+        assert s.flushing  # 90,000 rows take a while to write back
+        s.flush(wait=False)
+        assert s.stats["background_flushes"] == 1 and s.stats["flush_wait_s"] == 0 and s.cached_rows == 50
+        want = s.gather(np.arange(100_000))
+    with PrototypeStore.open(folder) as r:
+        assert r.recovery == "clean" and r.committed_step == 3
+        np.testing.assert_array_equal(r.gather(np.arange(100_000)), want)
+
+
+def test_kill_during_background_write_back_recovers(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    vecs = make(folder, n=100_000, d=16, dtype="float16")
+    want = unit(vecs).astype(np.float16).astype(np.float32)
+    for step, count in enumerate((30_000, 30_000, 30_000, 50)):
+        rng = np.random.default_rng(step)
+        rows = rng.choice(100_000, count, replace=False)
+        want[rows] = unit(rng.normal(size=(count, 16))).astype(np.float16).astype(np.float32)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", KILL_MID_WRITE_BACK, str(folder)], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == -signal.SIGKILL and out.stdout.strip() == "flushing"  # killed mid write-back
+    assert (folder / WAL_NAME).stat().st_size > 16 and (folder / WAL2_NAME).stat().st_size > 16  # both hold commits
+    with PrototypeStore.open(folder) as r:  # a reader (eval) sees step 3 and changes nothing
+        assert r.committed_step == 3
+        np.testing.assert_array_equal(r.gather(np.arange(100_000)), want)
+    with PrototypeStore.open(folder, "r+") as w:
+        assert w.committed_step == 3 and "completed the commit of step 3" in w.recovery
+        np.testing.assert_array_equal(w.gather(np.arange(100_000)), want)
+    with PrototypeStore.open(folder) as r:
+        assert r.recovery == "clean" and r.committed_step == 3
+        np.testing.assert_array_equal(r.gather(np.arange(100_000)), want)
 
 
 # ------------------------------------------------------------------ kill -9 at random moments
@@ -272,7 +369,8 @@ import sys
 import numpy as np
 from lblctl.core.store import PrototypeStore
 N, D, K = {N}, {D}, {K}
-with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2]) as s:
+cache_rows, every = int(sys.argv[3]), int(sys.argv[4])  # 0: the default cache; every > 0: flush(wait=False) so often
+with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2], write_cache_rows=cache_rows or None) as s:
     step = s.committed_step
     print("start", step, flush=True)
     while True:
@@ -281,6 +379,8 @@ with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2]) as s:
         rows = rng.choice(N, K, replace=False)
         s.scatter(rows, rng.normal(size=(K, D)), momentum=rng.normal(size=(K, D)))
         s.commit(step)
+        if every and step % every == 0:
+            s.flush(wait=False)
         print(step, flush=True)
 """
 
@@ -299,7 +399,10 @@ def expected_state(initial: np.ndarray, upto: int, dtype: str) -> tuple[np.ndarr
 
 
 @pytest.mark.slow
-def test_kill_minus_nine_at_random_moments(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache_rows,every", [(0, 0), (1000, 2)], ids=["in-cache", "background-write-backs"])
+def test_kill_minus_nine_at_random_moments(tmp_path: Path, cache_rows: int, every: int) -> None:
+    """background-write-backs: a 1000-row cache fills every third commit and every second commit is a
+    checkpoint-style flush(wait=False), so most kills land while a write-back is under way."""
     dtype = "float16"
     initial = make(tmp_path / "s", n=N, d=D, dtype=dtype, momentum=True)
     rng = np.random.default_rng(0)
@@ -307,7 +410,7 @@ def test_kill_minus_nine_at_random_moments(tmp_path: Path) -> None:
     last, recoveries = -1, []
     for kill in range(16):
         cache = ("ram", "mmap")[kill % 2]
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), cache],
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), cache, str(cache_rows), str(every)],
                                 stdout=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("start")
@@ -344,3 +447,40 @@ def test_prenormalised_scatter_is_bit_exact_and_fingerprint_can_move(tmp_path: P
     with PrototypeStore.open(tmp_path / "s", expect_backbone_fingerprint="sha256:tuned") as s:
         np.testing.assert_array_equal(s.gather([0, 1, 2]), v)
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["backbone_fingerprint"] == "sha256:tuned"
+
+
+def _resident(arr: np.ndarray) -> np.ndarray:
+    """Per page of ``arr``'s mapped buffer: 1 if it is in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    addr = arr.ctypes.data
+    start = addr - addr % page
+    length = addr + arr.nbytes - start
+    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return np.frombuffer(vec, dtype=np.uint8) & 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise (Linux)")
+def test_prefetch_starts_reading_the_rows_pages(tmp_path: Path) -> None:
+    """Issue 18: the streamer asks for the rows of steps ahead; their pages are read without a gather."""
+    folder = tmp_path / "s"
+    make(folder, n=20_000, d=64, momentum=True)  # 20,000 × 256-byte rows: 1,250 pages each of rows, momentum
+    fd = os.open(folder / FILENAME, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the page cache: a cold store
+    finally:
+        os.close(fd)
+    with PrototypeStore.open(folder, cache="mmap", populate=False) as s:
+        vec, mom = s._segments[0].vec, s._segments[0].mom
+        if _resident(vec).mean() > 0.5:
+            pytest.skip("the page cache kept the file (it cannot be emptied here)")
+        rows = np.arange(0, 20_000, 400)  # 50 rows, one in every 7th page
+        pages = np.unique(rows * 256 // mmap.PAGESIZE)
+        assert _resident(vec)[pages].sum() < len(pages)
+        s.prefetch(rows)
+        deadline = time.time() + 10
+        while time.time() < deadline and not (_resident(vec)[pages].all() and _resident(mom)[pages].all()):
+            time.sleep(0.01)
+        assert _resident(vec)[pages].all() and _resident(mom)[pages].all()

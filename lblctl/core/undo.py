@@ -22,8 +22,8 @@ from lblctl.core.journal import RecordLog, read_log
 KIND = b"undo"
 _CHECKPOINT, _UNDO = 1, 2
 _STEP = struct.Struct("<q")
-_UNDO_HEAD = struct.Struct("<4sqqq")  # table tag, count, cols, value kind (4 = float32, 1 = int32)
-_KINDS = {4: np.dtype("<f4"), 1: np.dtype("<i4")}
+_UNDO_HEAD = struct.Struct("<4sqqq")  # table tag, count, cols, value kind (4 = float32, 1 = int32, 2 = float16)
+_KINDS = {4: np.dtype("<f4"), 1: np.dtype("<i4"), 2: np.dtype("<f2")}
 
 
 class UndoJournal:
@@ -69,7 +69,7 @@ class UndoJournal:
         if len(rows) == 0:
             return
         values = np.ascontiguousarray(values)
-        kind = {np.dtype("<f4"): 4, np.dtype("<i4"): 1}[values.dtype.newbyteorder("<")]
+        kind = {dt: k for k, dt in _KINDS.items()}[values.dtype.newbyteorder("<")]
         tag = table.encode()[:4].ljust(4, b"_")
         self._log.append(_UNDO, _UNDO_HEAD.pack(tag, len(rows), values.shape[1], kind),
                          np.ascontiguousarray(rows, dtype="<i8"),

@@ -254,7 +254,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
 
     def before_checkpoint() -> None:
         streamer.drain()
-        store.flush()  # the write-back cache reaches the file, the store's log is emptied
+        store.flush(wait=False)  # commits durable in the store's log; the cache is written back meanwhile
         if queues is not None:
             queues.flush()
 

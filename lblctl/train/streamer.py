@@ -69,11 +69,16 @@ class StoreStreamer:
     dominant queues, which the main thread updates) one step ahead: the rows of step t+1 are
     chosen when step t is handed out, and are :attr:`next_rows` until step t+1 is.
     ``photos(step, rows)`` chooses and loads a step's photos in the background thread.
+    ``lookahead`` d > 0: when step t+1's rows are chosen, the background thread chooses the rows of step
+    t+1+d too (the sampler is deterministic; the queues may still change, so they are a hint) and the
+    store starts reading their pages (:meth:`PrototypeStore.prefetch`): a cold gather finds them in memory
+    d steps later, and so does the main thread's ``select`` the queue rows it reads.
     """
 
     def __init__(self, store: PrototypeStore, journal: UndoJournal, select: Callable[[int], np.ndarray],
-                 photos: Photos, *, overlap: bool = True, pin: bool = False) -> None:
+                 photos: Photos, *, overlap: bool = True, pin: bool = False, lookahead: int = 2) -> None:
         self.store, self.journal, self.select, self.photos = store, journal, select, photos
+        self.lookahead = lookahead
         self.overlap, self.pin = overlap, pin  # pin: page-lock the photos, so the copy to the GPU is async
         self.wait_s = 0.0  # main thread blocked on the thread: store traffic + decoding not hidden
         threads = torch.get_num_threads()
@@ -97,12 +102,20 @@ class StoreStreamer:
 
     def _write(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
         new = self.journal.first_touch("prot", rows)
-        if len(new):  # the rows' values at the checkpoint, saved before their first overwrite
-            self.journal.record("prot", new, self.store.gather(new))
+        if len(new):  # the rows' values at the checkpoint, saved before their first overwrite, in the store's
+            kept = np.float16 if self.store.dtype == "float16" else np.float32  # dtype (exact; half the bytes)
+            self.journal.record("prot", new, self.store.gather(new).astype(kept))
             if self.store.has_momentum:
-                self.journal.record("mome", new, self.store.gather_momentum(new))
+                self.journal.record("mome", new, self.store.gather_momentum(new).astype(kept))
         self.store.scatter(rows, vec, momentum=mom, normalised=True)  # the bits the next step was patched with
         self.store.commit(step)
+
+    def _prefetch(self, step: int) -> None:
+        if self.lookahead > 0 and self.overlap:
+            self._pool.submit(self._read_ahead, step)
+
+    def _read_ahead(self, step: int) -> None:
+        self.store.prefetch(self.select(step))
 
     def _submit(self, step: int, rows: np.ndarray) -> Future:
         return self._pool.submit(self._prepare, step, rows)
@@ -114,6 +127,8 @@ class StoreStreamer:
         nrows = self.select(step + 1)
         self._nxt = (step + 1, nrows, self._submit(step + 1, nrows) if self.overlap else None)
         self._handed = False
+        for ahead in range(step + 2, step + 2 + self.lookahead):  # the steps between: their pages too
+            self._prefetch(ahead)
 
     @property
     def next_rows(self) -> np.ndarray:
@@ -132,6 +147,7 @@ class StoreStreamer:
             self._cur = (step, rows, fut)
             nrows = self.select(step + 1)
             self._nxt = (step + 1, nrows, self._submit(step + 1, nrows) if self.overlap else None)
+            self._prefetch(step + 1 + self.lookahead)
         self._handed = True
         step, _, fut = self._cur
         assert fut is not None
