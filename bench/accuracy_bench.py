@@ -142,7 +142,11 @@ def small_split(name: str, root: Path) -> dict:
 
 def write_folder(folder: Path, train: dict[str, list[str]], only: set[str] | None = None,
                  first_only: bool = False) -> Path:
-    """Identity folders (symlinks); the first photo is named ``id_…`` so lblctl takes it as the ID photo."""
+    """Identity folders (symlinks); the first photo is named ``id_…`` so lblctl takes it as the ID photo.
+    Made once (the split is fixed): benches running side by side share them while they train."""
+    done = folder.with_name(folder.name + ".done")
+    if done.exists():
+        return folder
     if folder.exists():
         shutil.rmtree(folder)
     for n, paths in train.items():
@@ -151,6 +155,7 @@ def write_folder(folder: Path, train: dict[str, list[str]], only: set[str] | Non
         for i, p in enumerate(paths[:1] if first_only else paths):
             stem = ("id_" if i == 0 else f"spot{i}_") + Path(p).name
             _link(Path(p), folder / n / stem)
+    done.touch()
     return folder
 
 
@@ -259,14 +264,17 @@ class Dataset:
                     "--photos", photos, "--workers", "1")
                 cli("build-index", "--store", str(store), "--candidates", "50", "--dominant", "20")
             self.stores[photos] = store
-        self.features = write_features(backbone, self.ids, self.root / "features.h5")
+        # train-dp reads the photos of the trained identities only: the single-photo distractors stay bare
+        # imprints, in the store as prototypes (negatives, queue members), never sampled as classes
+        self.train_ids = write_folder(self.root / "train_ids", self.split["train"], only=set(self.trained))
+        self.features = write_features(backbone, self.train_ids, self.root / "features_trained.h5")
 
     def train(self, tag: str, seed: int, mode: str, start: str, args: list[str]) -> dict:
         """One train-dp run (``mode`` images = fine-tune or --freeze-backbone; features = head-only)."""
-        run = self.root / "runs" / f"{tag}_s{seed}"
+        run = self.root / "runs" / f"{tag}_s{seed}_{os.getpid()}"  # benches may run side by side
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        src = ["--data", str(self.ids), "--backbone", str(self.backbone)] if mode == "images" else \
+        src = ["--data", str(self.train_ids), "--backbone", str(self.backbone)] if mode == "images" else \
               ["--features", str(self.features)]
         t0 = time.perf_counter()
         r = cli("train-dp", *src, "--store", str(self.stores[start]), "--out-store", str(run / "store"),
@@ -325,7 +333,20 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "dp_finetune": ("images", "id", []),
     "random_finetune": ("images", "id", ["--head", "random"]),
     "full_finetune": ("images", "id", ["--head", "full"]),
-    "dp_finetune_old_defaults": ("images", "id", ["--head-lr", "0.01"]),
+    "dp_finetune_old_defaults": ("images", "id", ["--head-lr", "0.01", "--train-bn"]),
+    # the fine-tuning levers (issue 17), one change each against the defaults
+    "ft_train_bn": ("images", "id", ["--train-bn"]),
+    "ft_lr_0.001": ("images", "id", ["--lr", "0.001"]),
+    "ft_lr_0.03": ("images", "id", ["--lr", "0.03"]),
+    "ft_warmup_0.5": ("images", "id", ["--head-warmup", "0.5"]),
+    "ft_from_all": ("images", "all", []),
+    "ft_s32_m0.1": ("images", "id", ["--scale", "32", "--margin", "0.1"]),
+    "ft_s16": ("images", "id", ["--scale", "16"]),
+    "dp_frozen_from_all": ("features", "all", []),
+    "ft_from_all_freeze_bn": ("images", "all", ["--freeze-bn"]),
+    "ft_from_all_train_bn": ("images", "all", ["--train-bn"]),
+    "random_frozen_from_all": ("features", "all", ["--head", "random"]),
+    "full_frozen_from_all": ("features", "all", ["--head", "full"]),
 }
 LABELS = {
     "imprint_id": "imprint-ID (ID photo only, no training)",
@@ -339,7 +360,15 @@ LABELS = {
     "dp_finetune": "train-dp fine-tuning the backbone, defaults (the README's command)",
     "random_finetune": "`--head random`, fine-tuning",
     "full_finetune": "`--head full`, fine-tuning",
-    "dp_finetune_old_defaults": "train-dp fine-tuning, old defaults (`--head-lr` = `--lr` 0.01)",
+    "dp_finetune_old_defaults": "train-dp fine-tuning, first defaults (`--head-lr` = `--lr` 0.01, `--train-bn`)",
+    "ft_train_bn": "fine-tuning, `--train-bn` (the previous default: BatchNorm statistics updated)",
+    "ft_lr_0.001": "fine-tuning, backbone `--lr 0.001`",
+    "ft_lr_0.03": "fine-tuning, backbone `--lr 0.03`",
+    "ft_warmup_0.5": "fine-tuning, `--head-warmup 0.5` (prototypes only for the first half)",
+    "ft_from_all": "fine-tuning, starting from the imprint-all store",
+    "ft_s32_m0.1": "fine-tuning, `-s 32 -m 0.1`",
+    "ft_s16": "fine-tuning, `-s 16`",
+    "dp_frozen_from_all": "train-dp frozen, starting from the imprint-all store",
 }
 
 
@@ -381,7 +410,9 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             steps = args.finetune_steps if mode == "images" else args.steps
             extra = list(extra)
-            if mode == "images" and args.finetune_batch:
+            if args.batch:  # every variant, head-only and fine-tuning: equal photos per step
+                extra += ["--batch-size", str(args.batch)]
+            elif mode == "images" and args.finetune_batch:
                 extra += ["--batch-size", str(args.finetune_batch)]
             elif "full" in tag:  # the same photos per step as dp / random: K classes × 2
                 extra += ["--batch-size", str(2 * k)]
@@ -459,6 +490,7 @@ def main() -> None:
     ap.add_argument("--finetune-all", action="store_true", help="also fine-tune on ORL and Yale B")
     ap.add_argument("--one-seed", default="", help="variants to run with the first seed only (CPU budget)")
     ap.add_argument("--finetune-batch", type=int, default=0, help="images per fine-tuning step (0 = K × 2)")
+    ap.add_argument("--batch", type=int, default=0, help="images per step of every train-dp run (0: per mode)")
     ap.add_argument("--name", default="accuracy", help="results file stem")
     ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json")
     a = ap.parse_args()

@@ -51,6 +51,10 @@ def main(
     lr: Annotated[float, Opt(help="Backbone learning rate.")] = 0.01,
     head_lr: Annotated[float, Opt(help="Prototype learning rate (0 = 0.5 × images per step / 256; see README).")] = 0.0,
     freeze_backbone: Annotated[bool, Opt("--freeze-backbone", help="Train the prototypes only.")] = False,
+    freeze_bn: Annotated[bool, Opt("--freeze-bn/--train-bn", help="Fine-tuning: keep the backbone's BatchNorm "
+                                   "statistics, or update them (the default; see README).")] = False,
+    head_warmup: Annotated[float, Opt(help="Fine-tuning: fraction of the steps that train the prototypes "
+                                      "only, before the backbone.")] = 0.0,
     projection: Annotated[bool, Opt("--projection", help="Head-only: also learn a linear projection.")] = False,
     steps: o.Steps = 1000,
     epochs: Annotated[int, Opt(help="Epochs: each trainable identity sampled once per epoch.")] = 0,
@@ -79,5 +83,5 @@ def main(
         store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
         classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
         loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
-        projection=projection, epochs=epochs or None, workers=default_workers(workers), resume=resume,
+        freeze_bn=freeze_bn, head_warmup=head_warmup, projection=projection, epochs=epochs or None, workers=default_workers(workers), resume=resume,
         store_cache_rows=store_cache_rows or None, train=train), common.device)

@@ -1,30 +1,40 @@
-"""train-dp, run with its default options, must end better than what a user gets without it.
+"""train-dp, run as the README shows it (backbone fine-tuned, default options), must not end worse
+than what a user gets without it.
 
 The baseline a user tries first is imprinting every identity from all its training photos
-(imprint-all). On a small real-face split (ORL: 40 people, ID photo + 2 spot photos each for
-training, the other 7 photos held out as probes) train-dp starts from the ID-photo prototypes,
-as the README's pipeline does, and must end with a closed-set top-1 above imprint-all's.
-The "tiny model" is fixed: head-only train-dp over 23×28-pixel features (``--features``), so
-the test measures the prototype training that train-dp's defaults control, on a fixed seed.
-With the old default (prototype lr = backbone lr 0.01) it only ties imprint-all here (0.843 = 0.843
-on this seed); with the default (0.5 × 32 images / 256 = 0.0625) it ends above it (0.868 in the
-bench's lab): the test asserts "above".
+(imprint-all). The world is small and real: a tiny small_cnn pretrained on ORL's people s1–s20;
+ORL's people s21–s40 are the ID/spot set (photo 1 the ID photo, 2–3 spot photos, 4–10 held out as
+probes). The pipeline is the README's: ``imprint --photos all`` → ``build-index`` → ``train-dp``
+with the backbone trainable and every option at its default except the run's size (K, S, steps).
+Closed-set top-1 of the probes against all prototypes must be no worse than imprint-all's.
+
+Measured on this seed (top-1 of 140 probes): imprint-ID 0.579, imprint-all 0.586, train-dp defaults
+0.707, the same with BatchNorm statistics frozen (``--freeze-bn``, the lever the issue suspected)
+0.629; from the ID-photo imprint (the README's former pipeline) 0.679 with the defaults and 0.514
+with ``--freeze-bn``. The second assertion fails when ``freeze_bn`` is the default. The defaults
+this session started from (the same train-dp options) also pass here: what made the README's
+command lose on LFW was its start from the ID-photo imprint at a budget of a few visits per
+identity (README "Does train-dp pay off?").
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from PIL import Image
+import torch
 
 from lblctl.cli import main
 from lblctl.core.store import PrototypeStore
+from lblctl.models.checkpoint import load_backbone
+from lblctl.models.embed import embed_paths
 
 from .conftest import ORL
+
+STEPS = 30
 
 
 def _cli(*args: str) -> None:
@@ -33,52 +43,95 @@ def _cli(*args: str) -> None:
     assert not info.value.code, args
 
 
-def _features(path: Path, vectors: np.ndarray, names: list[str]) -> Path:
-    with h5py.File(path, "w") as f:
-        f["features"] = vectors.astype(np.float32)
-        f["identities"] = np.array(names, dtype=object).astype(h5py.string_dtype())
-    return path
-
-
-def _top1(store: Path, probes: np.ndarray, truth: list[str]) -> float:
+def _top1(backbone: Path, store: Path, probes: list[tuple[str, Path]]) -> float:
+    bb = load_backbone(backbone, torch.device("cpu"))
+    emb = embed_paths(bb, [str(p) for _, p in probes], batch_size=128).vectors
     with PrototypeStore.open(store) as s:
         protos = np.concatenate([c for _, c in s.iter_chunks()])
         names = list(s.names)
-    pred = np.argmax(probes @ protos.T, axis=1)
-    return float(np.mean([names[p] == t for p, t in zip(pred, truth, strict=True)]))
+    pred = np.argmax(emb @ protos.T, axis=1)
+    return float(np.mean([names[p] == t for p, (t, _) in zip(pred, probes, strict=True)]))
+
+
+def _world(root: Path) -> tuple[Path, Path, list[tuple[str, Path]]]:
+    """ORL s1–s20 pretrain a tiny backbone; s21–s40: ID photo + 2 spot photos, the rest probes."""
+    subjects = sorted((d for d in os.listdir(ORL) if (ORL / d).is_dir()), key=lambda d: int(d[1:]))
+    pre, ids, probes = root / "pretrain", root / "ids", []
+    for s in subjects:
+        if int(s[1:]) <= 20:
+            (pre / s).mkdir(parents=True)
+            for i in range(1, 11):
+                os.symlink(ORL / s / f"{i}.pgm", pre / s / f"{i}.pgm")
+            continue
+        (ids / s).mkdir(parents=True)
+        os.symlink(ORL / s / "1.pgm", ids / s / "id_1.pgm")
+        for i in (2, 3):
+            os.symlink(ORL / s / f"{i}.pgm", ids / s / f"spot_{i}.pgm")
+        probes += [(s, ORL / s / f"{i}.pgm") for i in range(4, 11)]
+    _cli("pretrain", "--data", str(pre), "--out", str(root / "run"), "--input-size", "32", "--width", "8",
+         "--embedding-size", "32", "--epochs", "10", "--batch-size", "64", "--workers", "1",
+         "--checkpoint-every", "0", "--seed", "0")
+    return root / "run", ids, probes
+
+
+def _train_dp(root: Path, run: Path, ids: Path, store: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    out, out_store = root / name, root / f"{name}_store"
+    _cli("train-dp", "--data", str(ids), "--backbone", str(run), "--store", str(store), "--out-store", str(out_store),
+         "--out", str(out), "--classes", "8", "--sampled", "2", "--steps", str(STEPS), "--checkpoint-every", "0",
+         "--workers", "1", "--seed", "0", *extra)
+    return out, out_store
 
 
 @pytest.mark.slow
-def test_train_dp_defaults_beat_imprint_all(tmp_path: Path) -> None:
-    subjects = sorted(d for d in os.listdir(ORL) if (ORL / d).is_dir())
-    train, train_names, probes, probe_names = [], [], [], []
-    for s in subjects:
-        for i in range(1, 11):
-            img = Image.open(ORL / s / f"{i}.pgm").convert("L").resize((23, 28), Image.BILINEAR)
-            (train if i <= 3 else probes).append(np.asarray(img, np.float32).ravel())
-            (train_names if i <= 3 else probe_names).append(s)
-    mean = np.mean(train, axis=0)
-
-    def unit(x: list[np.ndarray]) -> np.ndarray:
-        v = np.asarray(x) - mean
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    tr, pr = unit(train), unit(probes)
-    is_id = np.arange(len(tr)) % 3 == 0  # 1.pgm is each person's ID photo
-    _features(tmp_path / "id.h5", tr[is_id], [n for n, m in zip(train_names, is_id, strict=True) if m])
-    _features(tmp_path / "all.h5", tr, train_names)
-    _cli("imprint", "--features", str(tmp_path / "id.h5"), "--out", str(tmp_path / "store"))
-    _cli("imprint", "--features", str(tmp_path / "all.h5"), "--out", str(tmp_path / "store_all"))
-    _cli("build-index", "--store", str(tmp_path / "store"), "--candidates", "10", "--dominant", "5")
-    # defaults except the size of the run (K, S, steps), which the README scales to the data; three seeds,
-    # because one seed's figure moves by a probe or two with the sampler's order (280 probes)
-    trained = []
-    for seed in ("0", "1", "2"):
-        _cli("train-dp", "--features", str(tmp_path / "all.h5"), "--store", str(tmp_path / "store"),
-             "--out-store", str(tmp_path / f"store_dp{seed}"), "--out", str(tmp_path / f"run{seed}"),
-             "--classes", "16", "--sampled", "4", "--steps", "100", "--checkpoint-every", "0", "--seed", seed)
-        trained.append(_top1(tmp_path / f"store_dp{seed}", pr, probe_names))
-    imprint_id = _top1(tmp_path / "store", pr, probe_names)
-    imprint_all = _top1(tmp_path / "store_all", pr, probe_names)
+def test_train_dp_defaults_fine_tuned_not_worse_than_imprint_all(tmp_path: Path) -> None:
+    run, ids, probes = _world(tmp_path)
+    for photos in ("id", "all"):
+        _cli("imprint", "--data", str(ids), "--backbone", str(run), "--out", str(tmp_path / f"store_{photos}"),
+             "--photos", photos, "--workers", "1")
+    _cli("build-index", "--store", str(tmp_path / "store_all"), "--candidates", "10", "--dominant", "5")
+    imprint_id = _top1(run, tmp_path / "store_id", probes)
+    imprint_all = _top1(run, tmp_path / "store_all", probes)
     assert imprint_all > imprint_id  # the baseline is a real one: the spot photos help
-    assert np.mean(trained) > imprint_all and min(trained) > imprint_id, (imprint_id, imprint_all, trained)
+
+    out, out_store = _train_dp(tmp_path, run, ids, tmp_path / "store_all", "defaults")
+    trained = _top1(out, out_store, probes)
+    assert trained >= imprint_all, (imprint_id, imprint_all, trained)
+    # the BatchNorm default: updating the statistics beats keeping the pretrained ones (0.707 vs 0.629 here)
+    out, out_store = _train_dp(tmp_path, run, ids, tmp_path / "store_all", "freeze_bn", "--freeze-bn")
+    frozen_bn = _top1(out, out_store, probes)
+    assert trained > frozen_bn, (imprint_all, trained, frozen_bn)
+
+
+def _bn_state(backbone: Path) -> dict[str, torch.Tensor]:
+    model = load_backbone(backbone, torch.device("cpu")).model
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+def _conv_weights(backbone: Path) -> list[torch.Tensor]:
+    model = load_backbone(backbone, torch.device("cpu")).model
+    return [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_freeze_bn_keeps_statistics_and_head_warmup_counts(tmp_path: Path) -> None:
+    """``--freeze-bn`` leaves the running statistics as pretrained (the default updates them);
+    ``--head-warmup`` holds the backbone for its share of the steps."""
+    from .conftest import imprinted_world
+
+    paths, _ = imprinted_world(tmp_path / "world")
+    _cli("build-index", "--store", str(paths["store"]), "--candidates", "8", "--dominant", "4")
+    start_bn, start_conv = _bn_state(paths["backbone"]), _conv_weights(paths["backbone"])
+
+    def run(name: str, *extra: str) -> Path:
+        _cli("train-dp", "--data", str(paths["faces"]), "--backbone", str(paths["backbone"]),
+             "--store", str(paths["store"]), "--out-store", str(tmp_path / f"{name}_store"),
+             "--out", str(tmp_path / name), "--classes", "8", "--sampled", "4", "--steps", "3",
+             "--checkpoint-every", "0", "--workers", "1", "--seed", "0", *extra)
+        return tmp_path / name
+
+    for k, v in _bn_state(run("frozen", "--freeze-bn")).items():
+        assert torch.equal(v, start_bn[k]), k
+    assert any(not torch.equal(v, start_bn[k]) for k, v in _bn_state(run("updated")).items())
+    # 3 steps, warm-up 0.67: the first 2 train the prototypes only, the third the backbone too
+    warm = run("warm", "--head-warmup", "0.67")
+    assert json.loads((warm / "manifest.json").read_text())["summary"]["head_warmup_steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(_conv_weights(warm), start_conv, strict=True))
