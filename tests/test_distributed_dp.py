@@ -1,0 +1,190 @@
+"""train-dp under torchrun (2 gloo processes) over a store sharded by rank: equal to one process, resumable
+after one rank is killed, a failing rank ends the job with its name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lblctl.core.queues import Queues
+from lblctl.core.shards import ShardLayout, read_layout, shard_dir, write_layout
+from lblctl.core.store import PrototypeStore
+from lblctl.data.faces import Preprocess, open_face_set
+from lblctl.models.checkpoint import load_backbone, save_backbone
+from lblctl.models.embed import embed_paths
+
+from . import torchrun_train_dp  # registers the test backbone without BatchNorm
+from .conftest import copy_slice, lfw_identities
+
+SCRIPT = str(Path(__file__).with_name("torchrun_train_dp.py"))
+REPO = str(Path(__file__).resolve().parents[1])
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- worlds
+def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None:
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :cq]
+    w = Queues.create(store_dir / "queues.h5", len(vectors), cq, dq)
+    w.write(0, order.astype(np.int32), np.take_along_axis(sims, order, 1).astype(np.float32))
+    w.commit()
+
+
+def shard_store(src: Path, dst: Path, world: int) -> Path:
+    """A plain store (fresh: dominant queue = first dq candidates, zero momentum) sharded for ``world``
+    ranks in the layout of lblctl.core.shards. Test-local: ``lblctl reshard`` comes from branch shard-tools."""
+    with PrototypeStore.open(src) as st, Queues.open(src) as q:
+        rows = np.arange(st.num_rows)
+        vec, names, fp, dim = st.gather(rows), list(st.names), st.backbone_fingerprint, st.embedding_size
+        cand, scores = q.candidates(rows), q.candidate_scores(rows)
+        assert np.array_equal(q.dominant(rows), cand[:, : q.dq])
+        cq, dq = q.cq, q.dq
+    for r in range(world):
+        mine = rows[r::world]
+        folder = shard_dir(dst, r, world)
+        PrototypeStore.create(folder, dim, [names[i] for i in mine], backbone_fingerprint=fp, vectors=vec[mine],
+                              momentum=True).close()
+        w = Queues.create(folder / "queues.h5", len(mine), cq, dq)
+        w.write(0, cand[mine], scores[mine])
+        w.commit()
+    write_layout(dst, ShardLayout(world, len(rows), dim))
+    return dst
+
+
+def merged(store: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(rows N×D, dominant queues N×dq, each shard's committed step) of a sharded store, in global row order."""
+    layout = read_layout(store)
+    assert layout is not None
+    w, n = layout.world_size, layout.num_rows
+    vec = dom = None
+    steps = []
+    for r in range(w):
+        folder = shard_dir(store, r, w)
+        with PrototypeStore.open(folder) as st, Queues.open(folder) as q:
+            local = np.arange(st.num_rows)
+            if vec is None:
+                vec, dom = np.zeros((n, st.embedding_size), np.float32), np.zeros((n, q.dq), np.int32)
+            vec[r::w], dom[r::w] = st.gather(local), q.dominant(local)
+            steps.append(st.committed_step)
+    return vec, dom, steps
+
+
+def plain(store: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    with PrototypeStore.open(store) as st, Queues.open(store) as q:
+        rows = np.arange(st.num_rows)
+        return st.gather(rows), q.dominant(rows), st.committed_step
+
+
+def feature_world(root: Path, n: int = 60, d: int = 16) -> dict[str, Path]:
+    """Features of n identities (3 each) around hidden centres; a plain store of noisy prototypes with exact
+    queues, and the same store sharded for 2 ranks."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((n, d)).astype(np.float32)
+    names = [f"p{i:03d}" for i in range(n)]
+    with h5py.File(root / "feats.h5", "w") as f:
+        f["features"] = np.repeat(centres, 3, axis=0) + 0.3 * rng.standard_normal((3 * n, d)).astype(np.float32)
+        f["identities"] = np.repeat(np.array(names, dtype=object), 3).astype(h5py.string_dtype())
+    noisy = centres + rng.standard_normal((n, d)).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    PrototypeStore.create(root / "plain", d, names, vectors=noisy, momentum=True).close()
+    exact_queues(root / "plain", noisy, cq=8, dq=4)
+    return {"features": root / "feats.h5", "plain": root / "plain",
+            "sharded": shard_store(root / "plain", root / "sharded", 2)}
+
+
+def face_world(root: Path) -> dict[str, Path]:
+    """24 real LFW identities × 3 photos, an untrained conv backbone without BatchNorm, a store imprinted
+    from the ID photos with exact queues, and the same store sharded for 2 ranks."""
+    faces = copy_slice(root / "faces", lfw_identities(3, 24), 3)
+    torch.manual_seed(0)
+    model = torchrun_train_dp.test_nobn(32, 32, width=4)
+    save_backbone(root / "run" / "backbone.pt", model, arch="test_nobn", embedding_size=32,
+                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 4})
+    bb = load_backbone(root / "run")
+    index = open_face_set(faces)
+    emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
+    PrototypeStore.create(root / "plain", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
+                          vectors=emb.vectors, momentum=True).close()
+    exact_queues(root / "plain", emb.vectors, cq=8, dq=4)
+    return {"faces": faces, "backbone": root / "run" / "backbone.pt", "plain": root / "plain",
+            "sharded": shard_store(root / "plain", root / "sharded", 2)}
+
+
+# ----------------------------------------------------------------------------- runs
+def command(store: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, SCRIPT, "--store", str(store), "--out", str(out), "--device", "cpu", "--quiet",
+            "--log-every", "1", "--schedule", "constant", "--weight-decay", "0", "--seed", "3", "--workers", "1",
+            *extra]
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **env})
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def assert_equal_runs(one: Path, two: Path, store1: Path, store2: Path) -> None:
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) and len(a) >= 6
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+    vec1, dom1, step1 = plain(store1)
+    vec2, dom2, steps2 = merged(store2)
+    np.testing.assert_allclose(vec2, vec1, atol=1e-5)
+    assert np.array_equal(dom2, dom1)
+    assert steps2 == [step1, step1]
+
+
+HEAD_ONLY = ("--classes", "16", "--sampled", "4", "--steps", "8", "--head-lr", "0.5", "--lr", "0.1")
+
+
+@pytest.mark.slow
+def test_head_only_two_ranks_equal_one(tmp_path: Path) -> None:
+    w = feature_world(tmp_path)
+    dom_start = plain(w["plain"])[1]
+    one = run(command(w["plain"], tmp_path / "one", "--features", str(w["features"]), *HEAD_ONLY))
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = run(command(w["sharded"], tmp_path / "two", "--features", str(w["features"]), *HEAD_ONLY, nproc=2))
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert_equal_runs(tmp_path / "one", tmp_path / "two", w["plain"], w["sharded"])
+    a = losses(tmp_path / "one")  # the comparison is between runs that learn and change the queues
+    assert a[8] < a[1] and not np.array_equal(plain(w["plain"])[1], dom_start)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["summary"]["processes"] == 2 and manifest["summary"]["identities"] == 60
+    ckpts = {p.name for p in (tmp_path / "two" / "checkpoints").iterdir()}
+    assert {"step_00000008.pt", "step_00000008.rank1.pt", "undo.rank0.bin", "undo.rank1.bin"} <= ckpts
+
+
+@pytest.mark.slow
+def test_backbone_two_ranks_equal_one(tmp_path: Path) -> None:
+    w = face_world(tmp_path)
+    opts = ("--data", str(w["faces"]), "--backbone", str(w["backbone"]), "--classes", "12", "--sampled", "4",
+            "--steps", "6", "--lr", "0.05")
+    one = run(command(w["plain"], tmp_path / "one", *opts))
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = run(command(w["sharded"], tmp_path / "two", *opts, nproc=2))
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert_equal_runs(tmp_path / "one", tmp_path / "two", w["plain"], w["sharded"])
+    b1, b2 = load_backbone(tmp_path / "one"), load_backbone(tmp_path / "two")
+    start = load_backbone(w["backbone"]).model.state_dict()
+    for key, value in b1.model.state_dict().items():
+        torch.testing.assert_close(b2.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(start[k], v) for k, v in b1.model.state_dict().items())  # the backbone trained
+    # each shard now belongs with the fine-tuned backbone
+    for r in range(2):
+        with PrototypeStore.open(shard_dir(w["sharded"], r, 2), expect_backbone_fingerprint=b2.fingerprint):
+            pass
