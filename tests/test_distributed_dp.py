@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -14,12 +16,19 @@ import numpy as np
 import pytest
 import torch
 
+from lblctl.core.dist import DistEnv
+from lblctl.core.errors import LblError
 from lblctl.core.queues import Queues
 from lblctl.core.shards import ShardLayout, read_layout, shard_dir, write_layout
 from lblctl.core.store import PrototypeStore
+from lblctl.core.strings import StringArray
 from lblctl.data.faces import Preprocess, open_face_set
 from lblctl.models.checkpoint import load_backbone, save_backbone
 from lblctl.models.embed import embed_paths
+from lblctl.stages.train_dp import TrainDPConfig, train_dp
+from lblctl.train.dp import UndoJournal
+from lblctl.train.dp_dist import interleave
+from lblctl.train.engine import TrainConfig
 
 from . import torchrun_train_dp  # registers the test backbone without BatchNorm
 from .conftest import copy_slice, lfw_identities
@@ -188,3 +197,76 @@ def test_backbone_two_ranks_equal_one(tmp_path: Path) -> None:
     for r in range(2):
         with PrototypeStore.open(shard_dir(w["sharded"], r, 2), expect_backbone_fingerprint=b2.fingerprint):
             pass
+
+
+@pytest.mark.slow
+def test_kill9_one_rank_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    w = feature_world(tmp_path)
+    opts = ("--features", str(w["features"]), "--classes", "16", "--sampled", "4", "--steps", "12",
+            "--checkpoint-every", "2", "--head-lr", "0.5", "--lr", "0.1", "--projection")  # DDP-trained projection
+    ref_store = shard_store(w["plain"], tmp_path / "ref_store", 2)
+    ref = run(command(ref_store, tmp_path / "ref", *opts, nproc=2))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "LBLCTL_TEST_PIDS": str(pids)}
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command(w["sharded"], out, *opts, nproc=2), env=env, stdout=log, stderr=log)
+        journal = out / "checkpoints" / "undo.rank1.bin"
+        deadline = time.time() + 180
+        killed = False
+        while time.time() < deadline and proc.poll() is None and not killed:
+            # rank 1 has committed its 2nd checkpoint (step 4) and its shard is already ahead of it
+            if (out / "checkpoints" / "step_00000004.rank1.pt").exists() and journal.exists():
+                step, records = UndoJournal.read(journal)
+                if step >= 4 and any(table == "prot" for table, _, _ in records):
+                    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGKILL)
+                    killed = True
+            time.sleep(0.005)
+        proc.wait(timeout=120)
+    assert killed and proc.returncode != 0, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (out / "manifest.json").exists()  # the job ended with rank 1
+    again = run([*command(w["sharded"], out, *opts, nproc=2), "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = losses(tmp_path / "ref"), losses(out)
+    assert sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-5)
+    vec1, dom1, steps1 = merged(ref_store)
+    vec2, dom2, steps2 = merged(w["sharded"])
+    np.testing.assert_allclose(vec2, vec1, atol=1e-5)
+    assert np.array_equal(dom2, dom1) and steps1 == steps2 == [12, 12]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
+    w = feature_world(tmp_path)
+    (shard_dir(w["sharded"], 1, 2) / "queues.h5").unlink()  # only rank 1 opens its shard's queues
+    res = run(command(w["sharded"], tmp_path / "run", "--features", str(w["features"]), *HEAD_ONLY, nproc=2))
+    assert res.returncode != 0
+    lines = [x for x in (res.stdout + res.stderr).splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: ") and "queues.h5" in lines[0], \
+        res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_refusals_before_any_work(tmp_path: Path) -> None:
+    w = feature_world(tmp_path)
+    cfg = TrainDPConfig(store=w["plain"], out=tmp_path / "run", features=w["features"], classes=16, sampled=4,
+                        train=TrainConfig(steps=2))
+    with pytest.raises(LblError, match=r"plain \(unsharded\) store.*lblctl reshard --store .* --world 2 --out"):
+        train_dp(cfg, CPU, DistEnv(0, 2, 0))  # torchrun with 2 ranks on a plain store
+    cfg.store = w["sharded"]
+    with pytest.raises(LblError, match=r"sharded for 2 rank\(s\), this job has 1; re-shard it first"):
+        train_dp(cfg, CPU)
+    cfg.resume = True  # resuming a 2-rank run with one process: the same one line
+    with pytest.raises(LblError, match="lblctl reshard --store"):
+        train_dp(cfg, CPU)
+    with pytest.raises(LblError, match="this job has 4"):
+        train_dp(cfg, CPU, DistEnv(3, 4, 3))
+    assert not (tmp_path / "run").exists()
+
+
+def test_names_interleave_by_row_mod_world() -> None:
+    names = [f"id{i}" * (1 + i % 3) for i in range(11)]
+    for world in (1, 2, 3, 4):
+        parts = [StringArray.from_iter(names[r::world]) for r in range(world)]
+        assert list(interleave(parts)) == names
