@@ -129,10 +129,12 @@ def face_world(root: Path) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- runs
-def command(store: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    return [*launcher, SCRIPT, "--store", str(store), "--out", str(out), "--device", "cpu", "--quiet",
+def command(store: Path, out: Path, *extra: str, nproc: int = 1, via_nproc: bool = False) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SCRIPT]
+                if nproc > 1 else [sys.executable, SCRIPT])
+    if via_nproc:  # lblctl train-dp --nproc N starts torchrun itself
+        launcher = [sys.executable, "-m", "lblctl", "train-dp", f"--nproc={nproc}"]
+    return [*launcher, "--store", str(store), "--out", str(out), "--device", "cpu", "--quiet",
             "--log-every", "1", "--schedule", "constant", "--weight-decay", "0", "--seed", "3", "--workers", "1",
             *extra]
 
@@ -167,7 +169,8 @@ def test_head_only_two_ranks_equal_one(tmp_path: Path) -> None:
     dom_start = plain(w["plain"])[1]
     one = run(command(w["plain"], tmp_path / "one", "--features", str(w["features"]), *HEAD_ONLY))
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two = run(command(w["sharded"], tmp_path / "two", "--features", str(w["features"]), *HEAD_ONLY, nproc=2))
+    two = run(command(w["sharded"], tmp_path / "two", "--features", str(w["features"]), *HEAD_ONLY, nproc=2,
+                      via_nproc=True))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert_equal_runs(tmp_path / "one", tmp_path / "two", w["plain"], w["sharded"])
     a = losses(tmp_path / "one")  # the comparison is between runs that learn and change the queues
