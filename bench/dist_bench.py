@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of (1 process, 2 processes) at --time-n")
     ap.add_argument("--scratch", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -192,48 +193,69 @@ def main() -> None:
             row = {"n": n, "dtype": dtype, "d": args.d, "k": args.k, "steps": args.steps,
                    "build_s": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()}
             row["ranks2"] = launch(work / "sharded", work / "feats.h5", work, args.k, args.steps, 2)
-            shutil.rmtree(work / "sharded", ignore_errors=True)
-            if n == args.time_n:
+            if n == args.time_n:  # 1 process vs 2, alternating on the same stores (the load drifts)
                 make_synthetic_store(work / "plain", n, args.d, dtype)
-                row["rank1"] = launch(work / "plain", work / "feats.h5", work, args.k, args.steps, 1)
+                row["timing"] = []
+                for _ in range(args.repeats):
+                    for nproc, store in ((1, work / "plain"), (2, work / "sharded")):
+                        load = os.getloadavg()
+                        reps = launch(store, work / "feats.h5", work, args.k, args.steps, nproc)
+                        row["timing"].append({"processes": nproc, "seconds_per_step": reps[0]["seconds_per_step"],
+                                              "load_before": load, "rank0": reps[0]})
             row["load_after"] = os.getloadavg()
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(work, ignore_errors=True)
+            save(rows, args)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    k, b = args.k, 2 * args.k
-    comm = formula(b, k, k // 4, 4, args.d, 2)
-    results = {"rows": rows, "formula": comm, "batch": b, "world": 2}
-    write_results("dist_dp", results, render(results))
-    print(render(results))
+    print(render(save(rows, args)))
 
+
+def save(rows: list[dict], args: argparse.Namespace) -> dict:
+    """Write the results so far (a long run that dies keeps its finished sizes)."""
+    results = {"rows": rows, "formula": formula(2 * args.k, args.k, args.k // 4, 4, args.d, 2), "world": 2,
+               "command": " ".join(sys.argv)}
+    write_results("dist_dp", results, render(results))
+    return results
 
 def render(r: dict) -> str:
     md = ["## 2-rank head-only train-dp (gloo, CPU): per-rank memory vs N", "",
           "| N | dtype | rank | s/step | anon RSS MiB before → after | peak RSS MiB | bytes sent/step | "
           "collectives/step | load avg before → after |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
-        for rep in x["ranks2"] + x.get("rank1", []):
-            who = f"{rep['rank']} of 2" if rep in x["ranks2"] else "1 process"
-            md.append(f"| {x['n']:,} | {x['dtype']} | {who} | {rep['seconds_per_step']:.3f} | "
+        for rep in x["ranks2"]:
+            md.append(f"| {x['n']:,} | {x['dtype']} | {rep['rank']} of 2 | {rep['seconds_per_step']:.3f} | "
                       f"{rep['anon_rss_mib_before']} → {rep['anon_rss_mib_after']} | {rep['peak_rss_mib']} | "
-                      f"{rep['bytes_sent_per_step'] if rep['bytes_sent_per_step'] is not None else '–'} | "
-                      f"{rep['collectives_per_step']} | "
+                      f"{rep['bytes_sent_per_step'] or 0:,.0f} | {rep['collectives_per_step']} | "
                       f"{' '.join(f'{v:.1f}' for v in x['load_before'])} → "
                       f"{' '.join(f'{v:.1f}' for v in x['load_after'])} |")
+    timed = [x for x in r["rows"] if x.get("timing")]
+    for x in timed:
+        md += ["", f"## 1 process vs 2 processes at N = {x['n']:,} (same K, S, global batch; alternating runs)", "",
+               "| run | processes | s/step (steady state) | anon RSS MiB after (rank 0) | load avg before |",
+               "|---|---|---|---|---|"]
+        for i, t in enumerate(x["timing"]):
+            md.append(f"| {i + 1} | {t['processes']} | {t['seconds_per_step']:.3f} | "
+                      f"{t['rank0']['anon_rss_mib_after']} | {' '.join(f'{v:.1f}' for v in t['load_before'])} |")
     f = r["formula"]
-    md += ["", f"K = {r['rows'][0]['k'] if r['rows'] else '?'}, S = K/4, global batch B = {r['batch']} features, "
-           f"D = {r['rows'][0]['d'] if r['rows'] else '?'}, dq = 4, W = {r['world']}.", "",
+    rows = r["rows"]
+    md += ["", f"K = {rows[0]['k'] if rows else '?'}, S = K/4, 2 features per class for the identities that have "
+           f"features ({FEATURE_IDS:,} at most: at large N most dominant-queue classes bring none, so the global "
+           f"batch B is smaller there), D = {rows[0]['d'] if rows else '?'}, dq = 4, W = {r['world']}; "
+           "OMP threads per process = cores / processes.", "",
            "## Communication per step and rank (payload handed to torch.distributed)", "",
-           f"Formula: {f['text']}.", "", "| term | bytes |", "|---|---|"]
+           f"Formula: {f['text']}.", "", "At B = 2K (every class brings 2 features):", "",
+           "| term | bytes |", "|---|---|"]
     md += [f"| {t} | {v:,} |" for t, v in f["terms"].items()]
     md += [f"| **total** | **{f['total']:,}** |", "",
            "Measured: the `bytes sent/step` column (every all_reduce/all_gather input tensor between the first "
-           "and the last optimiser step, per step). A ring all-reduce moves about 2·(W−1)/W of its payload "
-           "per rank on the wire; an all-gather receives (W−1)× what it sends."]
+           "and the last optimiser step, per step); it equals the formula at the run's own B "
+           f"({8 * (rows[0]['k'] // 4) * 4 + 16 if rows else 0:,} + "
+           f"{4 * rows[0]['d'] // 2 + 4 + 32 if rows else 0}·B bytes at these K, S, D). "
+           "A ring all-reduce moves about 2·(W−1)/W of its payload per rank on the wire; "
+           "an all-gather receives (W−1)× what it sends."]
     return "\n".join(md)
-
 
 if __name__ == "__main__":
     main()
