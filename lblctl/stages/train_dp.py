@@ -156,7 +156,7 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
     shards, names = None, None
     if env.active:
         assert layout is not None
-        shards = Shards(env, layout)
+        shards = Shards(env, layout, device)
         names = shard_names(Path(cfg.store), layout)  # every row's name, read before any shard is written
         shards.barrier()
         store_dir = shard_dir(cfg.store, env.rank, env.world_size)  # the only shard this rank opens to write

@@ -59,8 +59,9 @@ class Shards:
     """This rank's view of a sharded train-dp job: the layout, the plans of the steps in flight, the
     collectives of the selection."""
 
-    def __init__(self, env: DistEnv, layout: ShardLayout) -> None:
+    def __init__(self, env: DistEnv, layout: ShardLayout, device: torch.device | str = "cpu") -> None:
         self.env, self.layout = env, layout
+        self.device = torch.device(device)  # NCCL reduces device tensors only
         self.group = _dist().new_group() if env.active else None
         self.plans: dict[int, StepPlan] = {}
 
@@ -94,9 +95,9 @@ class Shards:
             block = np.zeros((len(seeds), dq), dtype=np.int64)
             if mine.any():
                 block[mine] = dominant(self.layout.local(seeds[mine]))
-            t = torch.from_numpy(block)
+            t = torch.from_numpy(block).to(self.device)
             _dist().all_reduce(t, group=self.group)
-            return t.numpy()
+            return t.cpu().numpy()
 
         return read
 
@@ -109,14 +110,14 @@ class Shards:
 
     def sizes(self, count: int) -> list[int]:
         """Every rank's number of photos this step."""
-        t = torch.tensor([int(count)], dtype=torch.int64)
+        t = torch.tensor([int(count)], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(t) for _ in range(self.env.world_size)]
         _dist().all_gather(parts, t, group=self.group)
         return [int(p) for p in parts]
 
     def total(self, value: float | int) -> float:
         """Sum over ranks (summaries)."""
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         _dist().all_reduce(t, group=self.group)
         return float(t)
 
