@@ -123,6 +123,9 @@ def child(store: Path, features: Path, out: Path, k: int, steps: int, report: Pa
     }))
 
 
+THREADS = {"per_process": 0}  # 0: cores / processes
+
+
 def launch(store: Path, features: Path, work: Path, k: int, steps: int, nproc: int) -> list[dict]:
     out = work / f"run{nproc}"
     shutil.rmtree(out, ignore_errors=True)
@@ -130,7 +133,8 @@ def launch(store: Path, features: Path, work: Path, k: int, steps: int, nproc: i
             "--out", str(out), "--k", str(k), "--steps", str(steps), "--report", str(work / f"report{nproc}")]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
            if nproc > 1 else [sys.executable, *args])
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    threads = THREADS["per_process"] or max(1, (os.cpu_count() or 2) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
@@ -168,6 +172,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of (1 process, 2 processes) at --time-n")
     ap.add_argument("--scratch", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="OMP threads per process (0: cores / processes)")
+    ap.add_argument("--name", default="dist_dp", help="results file name (bench/results/NAME.json, .md)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--features", help=argparse.SUPPRESS)
@@ -179,6 +185,7 @@ def main() -> None:
         report = Path(args.report if rank is None else f"{args.report}.rank{rank}")
         child(Path(args.store), Path(args.features), Path(args.out), args.k, args.steps, report)
         return
+    THREADS["per_process"] = args.threads
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dist_bench_", dir=os.environ.get("TMPDIR", "/tmp")))
     rows = []
     try:
@@ -215,8 +222,9 @@ def main() -> None:
 def save(rows: list[dict], args: argparse.Namespace) -> dict:
     """Write the results so far (a long run that dies keeps its finished sizes)."""
     results = {"rows": rows, "formula": formula(2 * args.k, args.k, args.k // 4, 4, args.d, 2), "world": 2,
+               "threads": args.threads,
                "command": " ".join(sys.argv)}
-    write_results("dist_dp", results, render(results))
+    write_results(args.name, results, render(results))
     return results
 
 def render(r: dict) -> str:
@@ -243,7 +251,7 @@ def render(r: dict) -> str:
     md += ["", f"K = {rows[0]['k'] if rows else '?'}, S = K/4, 2 features per class for the identities that have "
            f"features ({FEATURE_IDS:,} at most: at large N most dominant-queue classes bring none, so the global "
            f"batch B is smaller there), D = {rows[0]['d'] if rows else '?'}, dq = 4, W = {r['world']}; "
-           "OMP threads per process = cores / processes.", "",
+           f"OMP threads per process = {r.get('threads') or 'cores / processes'}.", "",
            "## Communication per step and rank (payload handed to torch.distributed)", "",
            f"Formula: {f['text']}.", "", "At B = 2K (every class brings 2 features):", "",
            "| term | bytes |", "|---|---|"]
