@@ -14,6 +14,11 @@ Without photos, from precomputed embeddings (HDF5 with 'features' M×D and 'iden
 of one identity are averaged):
 
     lblctl imprint --features feats.h5 --out store --dtype float16
+
+On N GPUs (or N CPU processes), a store sharded for N ranks (OUT/shard-RRRRR-of-NNNNN/ + OUT/shards.json), each
+rank embedding and writing its own share of the identities (as train-dp under torchrun reads it):
+
+    lblctl imprint --data ids --backbone run/backbone.pt --out store-w4 --nproc 4
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from ._common import BatchSize, Common, Opt, Workers, stage_command
+from ._common import BatchSize, Common, Nproc, Opt, Workers, stage_command
 
 
 @stage_command("imprint")
@@ -41,12 +46,15 @@ def main(
     momentum: Annotated[bool, Opt("--momentum/--no-momentum", help="Keep per-identity SGD momentum "
                                   "beside the prototypes for train-dp (doubles the store).")] = True,
     resume: Annotated[bool, Opt("--resume", help="Continue an interrupted imprint in OUT.")] = False,
+    nproc: Nproc = 1,
     *,
     common: Common,
 ):
+    from lblctl.cli import relaunch
     from lblctl.core.runtime import default_workers
     from lblctl.stages.imprint import ImprintConfig, run
 
+    relaunch(nproc)
     return run(ImprintConfig(out=out, data=data, backbone=backbone, features=features, photos=photos, flip=flip,
                              batch_size=batch_size, workers=default_workers(workers), dtype=dtype,
                              momentum=momentum, resume=resume), common.device)

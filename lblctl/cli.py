@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "imprint": ("imprint", "Imprint a prototype store (one unit vector per identity) from photos or features."),
     "build-index": ("build_index", "k-NN over the prototypes (faiss): candidate/dominant queues and a "
                     "duplicate-identity report."),
+    "reshard": ("reshard", "Shard a prototype store for W ranks (torchrun), re-shard it, or merge it into one "
+                "plain store."),
     "train-dp": ("train_dp", "DP-softmax: train over millions of identities with K prototypes on the device."),
     "eval": ("eval", "Verification (TAR@FAR, EER, 10-fold) and identification (top-1/5) figures."),
     "verify-pair": ("verify_pair", "Score a CSV of ID/spot photo pairs: cosine, same/different at a threshold "

@@ -19,12 +19,13 @@ import torch
 from lblctl.core.dist import DistEnv
 from lblctl.core.errors import LblError
 from lblctl.core.queues import Queues
-from lblctl.core.shards import ShardLayout, read_layout, shard_dir, write_layout
+from lblctl.core.shards import read_layout, shard_dir
 from lblctl.core.store import PrototypeStore
 from lblctl.core.strings import StringArray
 from lblctl.data.faces import Preprocess, open_face_set
 from lblctl.models.checkpoint import load_backbone, save_backbone
 from lblctl.models.embed import embed_paths
+from lblctl.stages.reshard import reshard
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
 from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_dist import interleave
@@ -49,23 +50,8 @@ def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None
 
 
 def shard_store(src: Path, dst: Path, world: int) -> Path:
-    """A plain store (fresh: dominant queue = first dq candidates, zero momentum) sharded for ``world``
-    ranks in the layout of lblctl.core.shards. Test-local: ``lblctl reshard`` comes from branch shard-tools."""
-    with PrototypeStore.open(src) as st, Queues.open(src) as q:
-        rows = np.arange(st.num_rows)
-        vec, names, fp, dim = st.gather(rows), list(st.names), st.backbone_fingerprint, st.embedding_size
-        cand, scores = q.candidates(rows), q.candidate_scores(rows)
-        assert np.array_equal(q.dominant(rows), cand[:, : q.dq])
-        cq, dq = q.cq, q.dq
-    for r in range(world):
-        mine = rows[r::world]
-        folder = shard_dir(dst, r, world)
-        PrototypeStore.create(folder, dim, [names[i] for i in mine], backbone_fingerprint=fp, vectors=vec[mine],
-                              momentum=True).close()
-        w = Queues.create(folder / "queues.h5", len(mine), cq, dq)
-        w.write(0, cand[mine], scores[mine])
-        w.commit()
-    write_layout(dst, ShardLayout(world, len(rows), dim))
+    """The plain store ``src`` sharded for ``world`` ranks by ``lblctl reshard``."""
+    reshard(src, dst, world)
     return dst
 
 

@@ -839,6 +839,43 @@ class PrototypeStore:
         if self._filled is not None:
             self._filled[start:stop] = True
 
+    def fill_exact(self, start: int, vectors: np.ndarray, momentum: np.ndarray | None = None,
+                   row_steps: np.ndarray | None = None) -> None:
+        """Write rows ``start…`` of a store being created bit for bit (no renormalisation), with their
+        momentum and commit steps: for copying rows between stores (re-shard, merge), where :meth:`fill`'s
+        renormalisation would change the last bits."""
+        self._check_writable()
+        if self._filled is None or len(self._p_rows):
+            raise LblError("fill_exact: only for a store being created, with nothing staged")
+        vecs = np.asarray(vectors).reshape(-1, self._dim).astype(self._dtype)
+        stop = start + len(vecs)
+        if start < 0 or stop > self._num_rows:
+            raise IndexError(f"fill rows {start}..{stop} outside 0..{self._num_rows}")
+        mom = None if momentum is None or not self._has_mom else np.asarray(momentum).astype(self._dtype)
+        steps = np.full(len(vecs), -1, dtype=np.int64) if row_steps is None else np.asarray(row_steps, np.int64)
+        self._flush_cache()
+        for s in self._segments:
+            a, b = max(start, s.start), min(stop, s.stop)
+            if a < b:
+                s.vec[a - s.start:b - s.start] = vecs[a - start:b - start]
+                s.step[a - s.start:b - s.start] = steps[a - start:b - start]
+                if s.mom is not None:
+                    s.mom[a - s.start:b - s.start] = 0 if mom is None else mom[a - start:b - start]
+        if self._ram_vec is not None:
+            self._ram_vec[start:stop] = vecs
+        if self._ram_mom is not None:
+            self._ram_mom[start:stop] = 0 if mom is None else mom
+        self._filled[start:stop] = True
+
+    def set_committed_step(self, step: int) -> None:
+        """Record ``step`` as the last commit of a store being created (a copy keeps its source's step)."""
+        self._check_writable()
+        if self._filled is None:
+            raise LblError("set_committed_step: only for a store being created")
+        assert self._commit_mm is not None
+        self._committed = int(step)
+        self._commit_mm[0] = self._committed
+
     def append(self, names: Iterable[str] | StringArray, vectors: np.ndarray,
                id_photos: Iterable[str] | StringArray | None = None) -> np.ndarray:
         """Add identities as a new segment (nothing is rewritten); return their rows.

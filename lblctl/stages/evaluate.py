@@ -317,9 +317,20 @@ def _run(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
         backbone.preprocess = replace(backbone.preprocess, center_crop=cfg.center_crop)
     store = None
     if cfg.store is not None:
+        from lblctl.core.artifacts import check_compatible
+        from lblctl.core.shards import ShardedStoreView, is_sharded
         from lblctl.core.store import PrototypeStore
 
-        store = PrototypeStore.open(cfg.store, mode="r", expect_embedding_size=backbone.embedding_size)
+        if is_sharded(cfg.store):  # a store sharded by train-dp under torchrun: read through its shards
+            store = ShardedStoreView(cfg.store)
+            try:
+                check_compatible(f"--store {cfg.store}", {"embedding_size": store.embedding_size},
+                                 backbone.embedding_size)
+            except BaseException:
+                store.close()
+                raise
+        else:
+            store = PrototypeStore.open(cfg.store, mode="r", expect_embedding_size=backbone.embedding_size)
         accepted = backbone_identities(backbone)
         if store.backbone_fingerprint and store.backbone_fingerprint not in accepted:
             made_by, trained = store.backbone_fingerprint, store.committed_step > 0

@@ -8,6 +8,14 @@ memory-mapped staging file ``STORE/.imprint/``, unreadable photos to a record lo
 synced, records how far it got, which is where ``--resume`` continues. At the end the identities
 that had a readable photo are copied into ``prototypes.h5``; the others are listed in
 ``left_out.csv`` (never a zero row).
+
+Under ``torchrun`` (or ``--nproc N``) the store is written sharded (:mod:`lblctl.core.shards`): rank R
+embeds the identities ``R, R+W, R+2W …`` into its own staging folder ``STORE/.imprint/rank-R-of-W/``
+(resumable per rank), the ranks all-gather which identities got a row, and each writes its own shard
+``STORE/shard-R-of-W/`` (one writer per shard). When no identity is left out, the rows a rank owns are
+the ones it embedded; otherwise the rows move to their owners chunk by chunk (a summed all-reduce of
+zero-padded chunks: memory one chunk). After a barrier rank 0 writes ``left_out.csv``, ``problems.csv``
+and, last, ``shards.json``.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lblctl.core import dist as dist_env
 from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, atomic_open, atomic_write_json, describe_input
 from lblctl.core.errors import LblError
 from lblctl.core.journal import RecordLog, read_log
+from lblctl.core.shards import ShardLayout, is_sharded, shard_dir, write_layout
 from lblctl.core.store import DTYPES, FILENAME, PrototypeStore
 from lblctl.core.strings import StringArrayBuilder
 from lblctl.core.summary import Summary
@@ -61,23 +71,49 @@ class ImprintConfig:
     checkpoint_identities: int = 4096
 
 
-def _check_out(cfg: ImprintConfig) -> None:
+def _staging_dir(out: Path, env: dist_env.DistEnv) -> Path:
+    """One process: ``OUT/.imprint``; under torchrun each rank's own ``OUT/.imprint/rank-R-of-W``."""
+    return out / STAGING / f"rank-{env.rank:05d}-of-{env.world_size:05d}" if env.active else out / STAGING
+
+
+def _staged_world(out: Path) -> int | None:
+    """The process count of an interrupted imprint in ``out`` (None: there is none)."""
+    if (out / STAGING / STATE).exists():
+        return 1
+    worlds = {int(p.name.rsplit("-of-", 1)[1]) for p in (out / STAGING).glob("rank-*-of-*") if (p / STATE).exists()}
+    return max(worlds) if worlds else None
+
+
+def _check_out(cfg: ImprintConfig, env: dist_env.DistEnv | None = None) -> None:
     out = Path(cfg.out)
-    if (out / FILENAME).exists() and (out / MANIFEST).exists():
+    env = env or dist_env.DistEnv()
+    if ((out / FILENAME).exists() and (out / MANIFEST).exists()) or is_sharded(out):
         raise LblError(f"--out {out}: already holds a finished store; choose a new --out or remove it")
-    if (out / STAGING / STATE).exists() and not cfg.resume:
+    staged = _staged_world(out)
+    if staged is not None and not cfg.resume:
         raise LblError(f"--out {out}: holds an interrupted imprint; add --resume to continue it "
+                       "or choose a new --out")
+    if staged is not None and staged != env.world_size:
+        raise LblError(f"--resume: {out} was started by {staged} process(es), this job has {env.world_size}; "
+                       f"resume it with {'--nproc ' + str(staged) if staged > 1 else 'one process'} "
                        "or choose a new --out")
 
 
 def imprint(cfg: ImprintConfig, device: torch.device | str = "cpu",
-            on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Imprint a store from photos (``cfg.data`` + ``cfg.backbone``) or from ``cfg.features``."""
+            on_checkpoint: Callable[[int], None] | None = None,
+            env: dist_env.DistEnv | None = None) -> dict[str, Any]:
+    """Imprint a store from photos (``cfg.data`` + ``cfg.backbone``) or from ``cfg.features``.
+
+    ``env`` (under torchrun): this rank embeds its share of the identities and writes its shard."""
+    env = env or dist_env.DistEnv()
     if cfg.dtype not in DTYPES:
         raise LblError(f"--dtype {cfg.dtype}: expected float32 or float16")
     if cfg.features is not None:
         if cfg.data is not None:
             raise LblError("give --data (photos) or --features (precomputed embeddings), not both")
+        if env.active:
+            raise LblError("imprint --features runs in one process; run it without torchrun, then "
+                           f"`lblctl reshard --store {cfg.out} --world {env.world_size} --out NEW_STORE`")
         return imprint_features(cfg, device)
     if cfg.data is None or cfg.backbone is None:
         raise LblError("imprint needs --data and --backbone (or --features FEATS.h5)")
@@ -85,10 +121,14 @@ def imprint(cfg: ImprintConfig, device: torch.device | str = "cpu",
         raise LblError(f"--photos {cfg.photos}: expected id, spot or all")
     if cfg.batch_size < 1:
         raise LblError(f"--batch-size {cfg.batch_size}: must be at least 1")
-    _check_out(cfg)
+    _check_out(cfg, env)
+    if env.active:  # every rank has looked at OUT before any writes its staging into it
+        import torch.distributed as dist
+
+        dist.barrier()
     backbone = open_backbone(cfg.backbone, device)  # an lblctl backbone or an ONNX recognition model
     index = open_face_set(cfg.data)
-    return _imprint_photos(cfg, backbone, index, on_checkpoint)
+    return _imprint_photos(cfg, backbone, index, on_checkpoint, env)
 
 
 # ---------------------------------------------------------------------- from photos
@@ -149,19 +189,27 @@ class _Staging:
 
 
 def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
-                    on_checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
+                    on_checkpoint: Callable[[int], None] | None,
+                    env: dist_env.DistEnv | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    env = env or dist_env.DistEnv()
     out = Path(cfg.out)
-    n, dim = index.num_identities, backbone.embedding_size
+    n_all, dim = index.num_identities, backbone.embedding_size
+    world, rank = env.world_size, env.rank
+    ids = np.arange(rank, n_all, world, dtype=np.int64)  # the identities this process embeds (all in one)
+    n = len(ids)  # below, identities are numbered 0..n-1 within this process's share
     signature = {"backbone": backbone.fingerprint, "data": describe_input(cfg.data).get("fingerprint") or
-                 str(Path(cfg.data).resolve()), "identities": n, "images": int(index.num_images),
+                 str(Path(cfg.data).resolve()), "identities": n_all, "images": int(index.num_images),
                  "photos": cfg.photos, "flip": bool(cfg.flip), "dtype": cfg.dtype}
-    stage = _Staging(out / STAGING, n, dim, DTYPES[cfg.dtype], signature, cfg.resume)
+    if env.active:
+        signature.update(world_size=world, rank=rank)
+    stage = _Staging(_staging_dir(out, env), n, dim, DTYPES[cfg.dtype], signature, cfg.resume)
     start = stage.done
     if start:
         ui.info(f"resuming: {start} of {n} identities already imprinted")
-    image_identity = index.image_identity
-    rows = index.select_images(cfg.photos, np.arange(start, n)) if start < n else np.zeros(0, dtype=np.int64)
+    # each image's identity as this process numbers it (other ranks' images are never read)
+    image_identity = index.image_identity if world == 1 else (index.image_identity - rank) // world
+    rows = index.select_images(cfg.photos, ids[start:]) if start < n else np.zeros(0, dtype=np.int64)
     dataset = FaceDataset(index, rows, image_identity[rows], backbone.preprocess)
     loader = make_loader(dataset, batch_size=cfg.batch_size, workers=cfg.workers if len(rows) else 0)
 
@@ -227,7 +275,10 @@ def _imprint_photos(cfg: ImprintConfig, backbone: Backbone, index: FaceIndex,
         bar.update(task, completed=n - start)
     stage.checkpoint(n)
     seconds_embed = time.perf_counter() - t0
-    summary = _finalise(cfg, index, stage, backbone, n, dim)
+    if env.active:
+        summary, embedded = _finalise_sharded(cfg, index, stage, backbone, dim, env, ids, embedded)
+    else:
+        summary = _finalise(cfg, index, stage, backbone, n, dim)
     summary.update({"resumed_from": start, "images_embedded": embedded,
                     "seconds": round(time.perf_counter() - t0, 3),
                     "images_per_second": round(embedded / max(1e-9, seconds_embed), 2)})
@@ -272,6 +323,95 @@ def _finalise(cfg: ImprintConfig, index: FaceIndex, stage: _Staging, backbone: B
     return {"store": str(out), "identities": n, "imprinted": int(len(good)), "left_out": int(len(left)),
             "left_out_examples": [index.names[int(i)] for i in left[:10]], "problems": problems.summary(5),
             "embedding_size": dim, "dtype": cfg.dtype, "backbone_fingerprint": backbone.fingerprint}
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: this process's GPU under NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _finalise_sharded(cfg: ImprintConfig, index: FaceIndex, stage: _Staging, backbone: Backbone, dim: int,
+                      env: dist_env.DistEnv, ids: np.ndarray, embedded: int) -> tuple[dict[str, Any], int]:
+    """Every rank writes its shard of the imprinted identities; rank 0 the reports and, last, ``shards.json``.
+
+    Returns the summary and the images embedded by all ranks."""
+    import torch.distributed as dist
+
+    out, world, rank = Path(cfg.out), env.world_size, env.rank
+    n_all = index.num_identities
+    dev = _comm_device()
+    per = -(-n_all // world)
+    mine = torch.zeros(per, dtype=torch.uint8)
+    mine[:len(ids)] = torch.from_numpy(np.asarray(stage.status[:len(ids)], dtype=np.uint8))
+    parts = [torch.zeros(per, dtype=torch.uint8, device=dev) for _ in range(world)]
+    dist.all_gather(parts, mine.to(dev))
+    status = torch.stack(parts).cpu().numpy().T.reshape(-1)[:n_all]  # identity i: rank i % W, position i // W
+    count = torch.tensor([embedded], dtype=torch.int64, device=dev)
+    dist.all_reduce(count)
+    good = np.flatnonzero(status == 1)
+    if len(good) == 0:
+        raise LblError(f"--data {cfg.data}: no identity has a readable {cfg.photos} photo; nothing to imprint "
+                       f"(see the problems logs in {out / STAGING})")
+    layout = ShardLayout(world, len(good), dim)
+    rows = layout.rows_of(rank)
+    names, photos = StringArrayBuilder(), StringArrayBuilder()
+    for i in good[rows]:
+        names.append(index.names[int(i)])
+        id_images = index.images_of(int(i), "id")
+        photos.append(os.path.abspath(index.path(int(id_images[0]))) if len(id_images) else "")
+    params = {"photos": cfg.photos, "flip": cfg.flip, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+              "arch": backbone.arch, "preprocess": backbone.preprocess.as_dict(), "world_size": world, "rank": rank}
+    inputs = {"data": describe_input(cfg.data), "backbone": describe_input(backbone.path)}
+    with PrototypeStore.create(shard_dir(out, rank, world), dim, names.build(), cfg.dtype, backbone.fingerprint,
+                               id_photos=photos.build(), momentum=cfg.momentum, params=params, inputs=inputs,
+                               cache="mmap", overwrite=True) as store:
+        if len(good) == n_all:  # nothing left out: the rows this rank owns are the ones it embedded, in order
+            for a in range(0, len(rows), _COPY_ROWS):
+                store.fill(a, np.asarray(stage.vectors[a:a + _COPY_ROWS], dtype=np.float32))
+        else:  # rows moved by the left-out identities: each chunk of global rows is summed from its embedders
+            chunk = max(world, _COPY_ROWS // world * world)
+            for a in range(0, len(good), chunk):
+                idents = good[a:a + chunk]
+                buf = np.zeros((len(idents), dim), dtype=np.float32)
+                here = idents % world == rank
+                buf[here] = stage.vectors[idents[here] // world]
+                t = torch.from_numpy(buf).to(dev)
+                dist.all_reduce(t)  # one non-zero term per row: the sum is that row, bit for bit
+                owned = (np.arange(a, a + len(idents)) % world) == rank
+                if owned.any():
+                    store.fill(a // world, t.cpu().numpy()[owned])
+    stage.close()
+    dist.barrier()  # every shard is whole
+    left = np.flatnonzero(status != 1)
+    reasons = {2: f"no {cfg.photos} photo", 3: f"no readable {cfg.photos} photo", 0: "not processed"}
+    problems = ProblemLog()
+    if env.is_main:
+        with atomic_open(out / "left_out.csv", "w") as fh:
+            w = csv.writer(fh)
+            w.writerow(["identity", "reason"])
+            for i in left:
+                w.writerow([index.names[int(i)], reasons[int(status[i])]])
+        seen: set[tuple[str, str]] = set()
+        for r in range(world):  # the ranks' problem logs (OUT is on a filesystem every rank writes)
+            log = _staging_dir(out, dist_env.DistEnv(r, world, 0)) / PROBLEMS_LOG
+            for _, payload in read_log(log, b"imprint"):
+                path, _, reason = bytes(payload).decode("utf-8").partition("\0")
+                if (path, reason) not in seen:
+                    seen.add((path, reason))
+                    problems.add(path, reason)
+        problems.write_csv(out / "problems.csv")
+        write_layout(out, layout)  # the commit point: a folder without it is not a store
+        shutil.rmtree(out / STAGING)
+    dist.barrier()
+    summary = {"store": str(out), "identities": n_all, "imprinted": int(len(good)), "left_out": int(len(left)),
+               "left_out_examples": [index.names[int(i)] for i in left[:10]], "problems": problems.summary(5),
+               "embedding_size": dim, "dtype": cfg.dtype, "backbone_fingerprint": backbone.fingerprint,
+               "world_size": world, "shard_rows": int(len(rows))}
+    if not env.is_main:
+        summary = {"rank": rank, "shard": str(shard_dir(out, rank, world)), "shard_rows": int(len(rows))}
+    return summary, int(count.item())
 
 
 # ---------------------------------------------------------------------- from features
@@ -353,7 +493,15 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
 
 
 def run(cfg: ImprintConfig, device: torch.device | str = "auto") -> Summary:
-    """The imprint stage: a prototype store from photos (with a backbone) or from a features file."""
+    """The imprint stage: a prototype store from photos (with a backbone) or from a features file; under
+    torchrun a sharded store, each rank embedding and writing its own shard."""
     from lblctl.core.runtime import as_device
 
-    return Summary("imprint", imprint(cfg, as_device(device)))
+    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
+    if env.active:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist_env.init(env, device.type)
+        if not env.is_main:
+            ui.set_quiet(True)
+    return Summary("imprint", imprint(cfg, device, env=env))

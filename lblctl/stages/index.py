@@ -156,6 +156,17 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     return faiss.index_cpu_to_gpu(res, device, index)
 
 
+def to_all_gpus(index: faiss.Index) -> faiss.Index:
+    """The index on every visible GPU, its vectors split between them (``IndexShards``: each GPU holds
+    1/G of the rows, a query goes to all and the results are merged), so an index G× one GPU's memory
+    fits; on one GPU the same as :func:`to_gpu`."""
+    if gpu_count() <= 1:
+        return to_gpu(index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
 # -- building ----------------------------------------------------------------------------------
 
 def _check_chunk(start: int, chunk: np.ndarray) -> np.ndarray:
@@ -273,7 +284,8 @@ def search_all(index: faiss.Index, source: VectorSource, spec: IndexSpec, k: int
     if spec.kind == "hnsw":
         index.hnsw.efSearch = spec.ef_search
     if use_gpu and spec.kind != "hnsw":
-        search_index = to_gpu(index)
+        # exact search: the vectors split over every GPU; IVF stays on one (its nprobe is set per GPU index)
+        search_index = to_all_gpus(index) if spec.kind == "flat" else to_gpu(index)
         if spec.kind in ("ivf", "ivfpq"):
             faiss.GpuParameterSpace().set_index_parameter(search_index, "nprobe", spec.nprobe)
     fetch = k + 1 + (2 if spec.kind == "flat" else 0)  # self + slack for ties at the boundary
@@ -431,8 +443,11 @@ class BuildIndexConfig:
 
 
 def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str, Any]:
-    """Index a prototype store, write its queues, duplicate report and index manifest; return a summary."""
-    from lblctl.core.store import PrototypeStore
+    """Index a prototype store, write its queues, duplicate report and index manifest; return a summary.
+
+    A sharded store (:mod:`lblctl.core.shards`) is read through its shards by global row; each shard gets
+    the queues of its own rows (global row ids inside), the index and the duplicate report stay at the top."""
+    from lblctl.core.shards import ShardedQueues, ShardedQueueWriter, open_store_view, queue_paths, read_layout
     from lblctl.stages.duplicates import (
         DUPLICATES_CSV,
         DUPLICATES_HTML,
@@ -455,7 +470,8 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
     folder = Path(cfg.store)
     use_gpu = bool(use_gpu and gpu_count() > 0)
     t_start = time.perf_counter()
-    with PrototypeStore.open(folder, "r") as store:
+    layout = read_layout(folder)
+    with open_store_view(folder) as store:
         n, d = store.num_rows, store.embedding_size
         if n < 2:
             raise LblError(f"{folder}: the store holds {n} identit{'y' if n == 1 else 'ies'}; "
@@ -472,12 +488,13 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         attrs = {"embedding_size": d, "backbone_fingerprint": store.backbone_fingerprint or "",
                  "index": json.dumps(spec.as_dict())}
         t0 = time.perf_counter()
-        with Queues.create(folder / QUEUES, n, k, dominant, attrs) as writer:
+        with (Queues.create(folder / QUEUES, n, k, dominant, attrs) if layout is None else
+              ShardedQueueWriter(folder, layout, k, dominant, attrs)) as writer:
             search_all(index, store, spec, k, writer.write, batch_size=cfg.batch_size, use_gpu=use_gpu)
             writer.commit()
         search_s = time.perf_counter() - t0
         del index
-        with Queues.open(folder / QUEUES, "r") as queues:
+        with (Queues.open(folder / QUEUES, "r") if layout is None else ShardedQueues(folder, layout)) as queues:
             if spec.kind == "flat":
                 recall, recall_rows = 1.0, 0
             else:
@@ -494,7 +511,8 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
             a, b, s = find_pairs(queues.iter_chunks(), threshold.value)
         names, photos = store.names, _id_photos(store)
         write_csv(folder / DUPLICATES_CSV, a, b, s, names, photos)
-        files = [INDEX_FILE, QUEUES, DUPLICATES_CSV]
+        queue_files = [str(p.relative_to(folder)) for p in queue_paths(folder, layout)]
+        files = [INDEX_FILE, *queue_files, DUPLICATES_CSV]
         if cfg.dup_html:
             write_html(folder / DUPLICATES_HTML, a, b, s, names, photos, threshold=threshold)
             files.append(DUPLICATES_HTML)
@@ -505,7 +523,9 @@ def build_store_index(cfg: BuildIndexConfig, use_gpu: bool = False) -> dict[str,
         "identities": n,
         "embedding_size": d,
         "index": spec.as_dict(),
-        "faiss_device": "gpu" if use_gpu else "cpu",
+        "faiss_device": (f"gpu × {gpu_count()}" if gpu_count() > 1 and spec.kind == "flat" else "gpu")
+        if use_gpu else "cpu",
+        "layout": f"sharded for {layout.world_size}" if layout is not None else "plain",
         "candidates": k,
         "dominant": dominant,
         "recall_at_k": round(recall, 5),
@@ -560,6 +580,10 @@ def write_index_manifest(folder: Path, files: list[str], *, params: dict[str, An
 
 def run(cfg: BuildIndexConfig, device: Any = "auto") -> Summary:
     """The build-index stage: faiss on the GPU when ``device`` is one (and faiss-gpu is installed)."""
+    from lblctl.core.dist import from_environ
     from lblctl.core.runtime import as_device
 
+    if from_environ().active:  # W processes would each write the same index and queue files
+        raise LblError("build-index runs in one process (with faiss-gpu it uses every visible GPU itself); "
+                       "run it without torchrun, on a plain or a sharded store")
     return Summary("build-index", build_store_index(cfg, use_gpu=as_device(device).type == "cuda"))
