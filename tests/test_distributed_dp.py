@@ -31,7 +31,7 @@ from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_dist import interleave
 from lblctl.train.engine import TrainConfig
 
-from . import torchrun_train_dp  # registers the test backbone without BatchNorm
+from . import torchrun_train_dp
 from .conftest import copy_slice, lfw_identities
 
 SCRIPT = str(Path(__file__).with_name("torchrun_train_dp.py"))
@@ -101,7 +101,7 @@ def face_world(root: Path) -> dict[str, Path]:
     from the ID photos with exact queues, and the same store sharded for 2 ranks."""
     faces = copy_slice(root / "faces", lfw_identities(3, 24), 3)
     torch.manual_seed(0)
-    model = torchrun_train_dp.test_nobn(32, 32, width=4)
+    model = torchrun_train_dp.nobn(32, 32, width=4)
     save_backbone(root / "run" / "backbone.pt", model, arch="test_nobn", embedding_size=32,
                   preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 4})
     bb = load_backbone(root / "run")
@@ -167,8 +167,19 @@ def test_head_only_two_ranks_equal_one(tmp_path: Path) -> None:
     assert {"step_00000008.pt", "step_00000008.rank1.pt", "undo.rank0.bin", "undo.rank1.bin"} <= ckpts
 
 
+@pytest.fixture()
+def nobn_backbone():
+    """The test backbone without BatchNorm in this process's registry, for this test only."""
+    from lblctl.models import backbones
+
+    torchrun_train_dp.register()
+    yield
+    backbones._REGISTRY.pop(torchrun_train_dp.NAME, None)
+    backbones._DEFAULT_INPUT.pop(torchrun_train_dp.NAME, None)
+
+
 @pytest.mark.slow
-def test_backbone_two_ranks_equal_one(tmp_path: Path) -> None:
+def test_backbone_two_ranks_equal_one(tmp_path: Path, nobn_backbone: None) -> None:
     w = face_world(tmp_path)
     opts = ("--data", str(w["faces"]), "--backbone", str(w["backbone"]), "--classes", "12", "--sampled", "4",
             "--steps", "6", "--lr", "0.05")
