@@ -19,6 +19,9 @@ Head-only training over precomputed embeddings (no images, no backbone):
 
 Baselines in the same engine: --head random (Partial-FC-style random negatives) and --head full
 (all N prototypes on the device). A killed run continues with the same command plus --resume.
+
+Many processes (torchrun; --nproc N starts it on this machine): the store must be sharded for N
+(lblctl reshard); each rank trains the rows of its own shard, STORE/shard-RRRRR-of-WWWWW/.
 """
 
 from __future__ import annotations
@@ -69,13 +72,16 @@ def main(
     resume: o.Resume = False,
     tensorboard: o.Tensorboard = False,
     store_cache_rows: Annotated[int, Opt(help="Store write-back cache, rows (0 = default 65,536).")] = 0,
+    nproc: o.Nproc = 1,
     *,
     common: Common,
 ):
+    from lblctl.cli import relaunch
     from lblctl.core.runtime import default_workers
     from lblctl.stages.train_dp import TrainDPConfig, run
     from lblctl.train.engine import TrainConfig
 
+    relaunch(nproc)
     train = TrainConfig(steps=steps, lr=lr, optimizer="sgd", weight_decay=weight_decay, schedule=schedule,
                         warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, checkpoint_every=checkpoint_every,
                         log_every=log_every, seed=common.seed, tensorboard=tensorboard)

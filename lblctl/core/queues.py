@@ -226,21 +226,26 @@ class Queues:
         return out
 
     # -- updating ------------------------------------------------------------------------------
-    def promote(self, class_rows: np.ndarray, confused_rows: np.ndarray) -> int:
+    def promote(self, class_rows: np.ndarray, confused_rows: np.ndarray, *, class_ids: np.ndarray | None = None,
+                id_rows: int | None = None) -> int:
         """For each pair, move ``confused`` to the front of ``class``'s dominant queue when it is in
         that class's candidate queue (the seed's rule); the last entry drops out when it was not in
-        the dominant queue yet. Pairs apply in order; returns how many queues changed."""
+        the dominant queue yet. Pairs apply in order; returns how many queues changed.
+
+        A shard's queues (:mod:`lblctl.core.shards`) hold global rows: ``class_ids`` are then the
+        classes' global rows (``class_rows`` their rows in this file) and ``id_rows`` the global count."""
         if self.mode != "r+":
             raise LblError(f"{self.path}: opened read-only; open with mode='r+' to update queues")
         cls_rows = np.asarray(class_rows, dtype=np.int64).reshape(-1)
         conf = np.asarray(confused_rows, dtype=np.int64).reshape(-1)
-        if cls_rows.shape != conf.shape:
+        ids = cls_rows if class_ids is None else np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        if cls_rows.shape != conf.shape or ids.shape != conf.shape:
             raise ValueError("promote: class_rows and confused_rows differ in length")
-        keep = (conf != cls_rows) & (conf >= 0) & (cls_rows >= 0)
+        keep = (conf != ids) & (conf >= 0) & (cls_rows >= 0)
         cls_rows, conf = cls_rows[keep], conf[keep]
         if cls_rows.size == 0 or self.dq == 0:
             return 0
-        if cls_rows.max() >= self.num_rows or conf.max() >= self.num_rows:
+        if cls_rows.max() >= self.num_rows or conf.max() >= (id_rows or self.num_rows):
             raise IndexError(f"promote: row out of range 0..{self.num_rows - 1}")
         uniq = np.unique(cls_rows)
         cands = _read_rows(self._cand, uniq)

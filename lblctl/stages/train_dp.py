@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lblctl.core import dist as dist_env
 from lblctl.core import ui
 from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
+from lblctl.core.shards import ShardLayout, check_world, read_layout, shard_dir
 from lblctl.core.store import PrototypeStore
 from lblctl.core.summary import Summary
 from lblctl.data.faces import open_face_set
@@ -40,6 +42,7 @@ from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
 from lblctl.models.losses import build_loss, resolve_loss_options
 from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
 from lblctl.train.dp_data import FeatureSource, ImageSource
+from lblctl.train.dp_dist import ShardedDPHead, Shards, shard_names
 from lblctl.train.dp_head import DPHead
 from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
 from lblctl.train.streamer import StepData, StoreStreamer
@@ -146,14 +149,17 @@ def finished_run(cfg: TrainDPConfig) -> dict[str, Any] | None:
                    f"run from it: {again} --store {cfg.out_store or cfg.store} --out NEW_FOLDER (without --resume)")
 
 
-def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
+def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | None = None) -> dict[str, Any]:
+    """Train; under torchrun (``env.active``) each rank trains its own shard of a sharded store."""
+    env = env or dist_env.DistEnv()
     done = finished_run(cfg)
     if done is not None:
         return done
     cfg.validate()
+    layout = _check_sharding(cfg, env)
     out = Path(cfg.out)
     ckpt_dir = out / CHECKPOINT_DIR
-    journal_path = ckpt_dir / JOURNAL
+    journal_path = ckpt_dir / (f"undo.rank{env.rank}.bin" if env.active else JOURNAL)
     if (latest_checkpoint(out) is not None or journal_path.exists()) and not cfg.resume:
         raise LblError(f"--out {out}: holds an earlier train-dp run; add --resume to continue it or choose a new --out")
     backbone = load_backbone(cfg.backbone, device) if cfg.backbone is not None else None
@@ -163,7 +169,17 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
                                 expect_backbone_fingerprint=backbone.fingerprint, cache="mmap", populate=False).close()
         except IncompatibleArtifact as exc:
             raise IncompatibleArtifact(_trained_store_advice(Path(cfg.store), str(exc))) from None
-    store_dir = _prepare_store(cfg)
+    shards, names = None, None
+    if env.active:
+        assert layout is not None
+        shards = Shards(env, layout, device)
+        names = shard_names(Path(cfg.store), layout)  # every row's name, read before any shard is written
+        shards.barrier()
+        store_dir = shard_dir(cfg.store, env.rank, env.world_size)  # the only shard this rank opens to write
+    elif layout is not None:
+        store_dir = shard_dir(cfg.store, 0, 1)  # sharded for one process: its one shard is a plain store
+    else:
+        store_dir = _prepare_store(cfg)
     try:
         store = PrototypeStore.open(
             store_dir, "r+",
@@ -175,19 +191,39 @@ def train_dp(cfg: TrainDPConfig, device: torch.device) -> dict[str, Any]:
         raise IncompatibleArtifact(_trained_store_advice(store_dir, str(exc))) from None
     dim, n = store.embedding_size, store.num_rows
     queues = None
-    if cfg.head == "dp":
-        queues = Queues.open(store_dir, "r+", expect_rows=n)
     try:
-        return _run(cfg, device, out, store_dir, store, queues, backbone, dim, n, journal_path)
+        if cfg.head == "dp":
+            queues = Queues.open(store_dir, "r+", expect_rows=n)
+        if shards is not None:
+            n = shards.layout.num_rows
+        return _run(cfg, device, out, store_dir, store, queues, backbone, dim, n, journal_path, shards, names)
     finally:
         if queues is not None:
             queues.close()
         store.close()
 
 
+def _check_sharding(cfg: TrainDPConfig, env: dist_env.DistEnv) -> ShardLayout | None:
+    """The store's shard layout (None: a plain store); refuse a store that does not fit this job."""
+    layout = read_layout(cfg.store)
+    if layout is None:
+        if env.active:
+            raise LblError(f"--store {cfg.store}: a plain (unsharded) store, this job has {env.world_size} ranks; "
+                           f"re-shard it first: lblctl reshard --store {cfg.store} --world {env.world_size} "
+                           "--out NEW_STORE")
+        return None
+    check_world(cfg.store, layout, env.world_size)
+    if cfg.out_store is not None:
+        raise LblError(f"--out-store: --store {cfg.store} is sharded (each rank trains its own shard in place); "
+                       "copy the store folder and train the copy")
+    return layout
+
+
 def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, store: PrototypeStore,
-         queues: Queues | None, backbone, dim: int, n: int, journal_path: Path) -> dict[str, Any]:
-    source, model = _source_and_model(cfg, store, backbone, dim, device)
+         queues: Queues | None, backbone, dim: int, n: int, journal_path: Path, shards: Shards | None = None,
+         names=None) -> dict[str, Any]:  # noqa: ANN001 - names: the global rows' StringArray (sharded runs)
+    env = shards.env if shards is not None else dist_env.DistEnv()
+    source, model = _source_and_model(cfg, store, backbone, dim, device, names)
     sampler = DominantSampler(n, source.trainable, cfg.classes, cfg.sampled, cfg.train.seed, mode=cfg.head)
     _warn_clamped(cfg, sampler, n)
     k, per_class, tcfg = sampler.classes, cfg.photos_per_class, cfg.train
@@ -200,30 +236,58 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     train_backbone = not cfg.freeze_backbone and (cfg.data is not None or cfg.projection)
     loss_options = resolve_loss_options(cfg.loss, cfg.loss_kwargs)
     head_lr = cfg.head_lr or HEAD_LR_PER_IMAGE * batch_classes * per_class
-    head = DPHead(k, dim, build_loss(cfg.loss, **loss_options), lr=head_lr,
-                  momentum=tcfg.momentum, device=device)
+    if shards is None:
+        head = DPHead(k, dim, build_loss(cfg.loss, **loss_options), lr=head_lr,
+                      momentum=tcfg.momentum, device=device)
+    else:  # this rank's slice of the K classes; the softmax is normalised across ranks
+        head = ShardedDPHead(k, dim, build_loss(cfg.loss, **loss_options), head_lr, tcfg.momentum, device, shards)
     modules: dict[str, nn.Module] = {"backbone": model} if train_backbone else {}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}] if train_backbone else []
-    trainer = Trainer(tcfg, device, modules, groups, out, extra_optimizers=[head.optimizer])
+    trainer = Trainer(tcfg, device, modules, groups, out, extra_optimizers=[head.optimizer], env=env)
+    forward = model
     if not train_backbone:
         model.eval()
+    elif shards is not None:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
     warm_steps = int(cfg.head_warmup * tcfg.steps) if train_backbone else 0
     frozen_bn = _batch_norms(model) if train_backbone and cfg.freeze_bn else []
     if not store.has_momentum:
         ui.warn(f"{store_dir}: the store keeps no momentum, so prototypes restart SGD momentum whenever they "
                 "are sampled (imprint with momentum to keep it, as Partial FC does)")
-    journal = UndoJournal(journal_path, n)
+    journal = UndoJournal(journal_path, store.num_rows)  # sharded: this rank's rows only
     next_rows = _resume(cfg, trainer, store, queues, journal, journal_path, store_dir)
 
     def photos(step: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if shards is not None:  # every rank chooses the global batch, then loads its equal slice of it
+            rows = shards.plans[step].rows
         items, labels = source.choose(rows[:batch_classes], per_class, np.random.default_rng([tcfg.seed, 2, step]))
+        if shards is not None:
+            lo, hi = shards.batch_slice(len(items))
+            items, labels = items[lo:hi], labels[lo:hi]
         return source.load(items, labels)
 
-    def select(step: int) -> np.ndarray:
-        return sampler.select(step, queues.dominant if queues is not None else None)
+    dominant_of = queues.dominant if queues is not None else None
+    if shards is not None and queues is not None:
+        dominant_of = shards.dominant_of(queues.dominant, queues.dq)
 
-    streamer = StoreStreamer(store, journal, select, photos, overlap=cfg.overlap, pin=device.type == "cuda")
-    touched = np.zeros(n, dtype=bool)
+    def select(step: int) -> np.ndarray:
+        rows = sampler.select(step, dominant_of)
+        if shards is None:
+            return rows
+        return shards.local_rows(shards.plan(step, rows))  # the rows of this rank's shard, head-slice order
+
+    def global_rows(step: int, rows: np.ndarray) -> np.ndarray:
+        return rows if shards is None else shards.plans[step].rows
+
+    def ahead(step: int) -> np.ndarray:  # read-ahead hint without collectives: this rank's own seeds of the step
+        assert shards is not None
+        seeds = sampler.seeds(step)
+        return shards.layout.local(seeds[shards.layout.owner(seeds) == env.rank])
+
+    streamer = StoreStreamer(store, journal, select, photos, overlap=cfg.overlap, pin=device.type == "cuda",
+                             ahead=ahead if shards is not None else None)
+    touched = np.zeros(store.num_rows, dtype=bool)
     stats = {"queue_changes": 0}
     now: dict[str, Any] = {}
 
@@ -231,10 +295,23 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     def batches(epoch: int, start: int):
         for _ in range(start, sampler.steps_per_epoch):
             data = streamer.next()
-            trainer.extra_state["next_rows"] = torch.from_numpy(streamer.next_rows)  # weights_only-loadable
+            nxt = global_rows(data.step + 1, streamer.next_rows)
+            trainer.extra_state["next_rows"] = torch.from_numpy(nxt)  # weights_only-loadable
             yield data
 
+    def backbone_mode() -> bool:
+        """Whether this step trains the backbone (not during --head-warmup); BatchNorm kept in eval mode
+        where --freeze-bn (or the warm-up) says so, each step, since the engine sets train mode per epoch."""
+        backbone_steps = train_backbone and trainer.step >= warm_steps
+        if warm_steps and trainer.step == warm_steps:
+            model.train()  # the warm-up is over
+        for m in (model.modules() if train_backbone and not backbone_steps else frozen_bn):
+            m.eval()
+        return backbone_steps
+
     def compute(data: StepData) -> StepResult | None:
+        if shards is not None:
+            return compute_sharded(data)
         head.load(data.vectors, data.momentum)
         now.clear()
         now["data"] = data
@@ -244,23 +321,52 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         if cfg.flip_augment and x.dim() == 4:
             flip = (torch.rand(len(x), generator=trainer.aug) < 0.5).to(device)
             x[flip] = x[flip].flip(-1)
-        backbone_steps = train_backbone and trainer.step >= warm_steps
-        if warm_steps and trainer.step == warm_steps:
-            model.train()  # the warm-up is over
-        for m in (model.modules() if train_backbone and not backbone_steps else frozen_bn):
-            m.eval()  # each step: the engine puts every module in train mode at each epoch's start
-        with torch.set_grad_enabled(backbone_steps), trainer.autocast():
+        with torch.set_grad_enabled(backbone_mode()), trainer.autocast():
             emb = model(x)
         res = head(emb, y)
         now.update(cosine=res.cosine, labels=y)
         return StepResult(res.loss, len(y), {"train_accuracy": float((res.cosine.argmax(1) == y).float().mean())})
+
+    def compute_sharded(data: StepData) -> StepResult | None:
+        assert shards is not None
+        head.load_slice(shards.plans[data.step], data.vectors, data.momentum)
+        now.clear()
+        now["data"] = data
+        sizes = shards.sizes(len(data.labels))  # every rank joins every step, or none does
+        if sum(sizes) < 2:
+            return None
+        x, y = data.inputs.to(device, non_blocking=True), data.labels.to(device)
+        if cfg.flip_augment and x.dim() == 4:  # drawn for the global batch: W ranks flip what 1 rank would
+            first = sum(sizes[: env.rank])
+            flip = (torch.rand(sum(sizes), generator=trainer.aug) < 0.5)[first:first + len(x)].to(device)
+            x[flip] = x[flip].flip(-1)
+        with torch.set_grad_enabled(backbone_mode()), trainer.autocast():
+            emb = forward(x)
+        res = head.step_forward(emb, y, sizes)
+        now.update(sharded=res)
+        return StepResult(res.loss, len(y), {"train_accuracy": float(res.accuracy)})
+
+    def promote_sharded() -> None:
+        """The owner of each sample's class row applies its promotion (global batch order)."""
+        assert shards is not None and queues is not None
+        res, plan = now["sharded"], shards.plans[now["data"].step]
+        cls_rows = plan.rows[res.labels.cpu().numpy()]
+        conf_rows = plan.rows[res.hardest.cpu().numpy()]
+        mine = shards.layout.owner(cls_rows) == env.rank
+        local = shards.layout.local(cls_rows[mine])
+        new = journal.first_touch("queu", local)
+        if len(new):
+            journal.record("queu", new, queues.dominant(new).astype(np.int32))
+        stats["queue_changes"] += queues.promote(local, conf_rows[mine], class_ids=cls_rows[mine], id_rows=n)
 
     def on_step_end(step: int) -> None:
         data = now["data"]
         vec, mom = head.rows()
         streamer.write_back(data, vec, mom, commit_as=step)
         touched[data.rows] = True
-        if queues is not None:  # every sample's hardest wrong class joins its class's dominant queue
+        if queues is not None and shards is not None:
+            promote_sharded()
+        elif queues is not None:  # every sample's hardest wrong class joins its class's dominant queue
             cls_rows = data.rows[now["labels"].cpu().numpy()]
             conf_rows = data.rows[hardest_wrong(now["cosine"], now["labels"]).cpu().numpy()]
             new = journal.first_touch("queu", cls_rows)
@@ -277,8 +383,10 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
     trainer.before_checkpoint, trainer.after_checkpoint = before_checkpoint, journal.reset
     if trainer.step == 0:
         next_rows = select(0)
-        trainer.extra_state["next_rows"] = torch.from_numpy(next_rows)
+        trainer.extra_state["next_rows"] = torch.from_numpy(global_rows(0, next_rows))
         trainer.save_checkpoint()  # step 0: the state a run killed before its first checkpoint returns to
+    elif shards is not None:  # the checkpoint keeps the global rows of its next step
+        next_rows = shards.local_rows(shards.plan(trainer.step, next_rows))
     try:
         streamer.start(trainer.step, next_rows)
         result = trainer.fit(batches, compute, steps_per_epoch=sampler.steps_per_epoch, on_step_end=on_step_end,
@@ -298,6 +406,11 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         "wait_for_data_s": streamer.wait_s, "store_write_cache_rows": store.write_cache_rows,
         "store_flushes": int(store.stats["flushes"]), "problems": source.problems.summary(), "device": str(device),
     }
+    if shards is not None:  # the job's totals; the store and the summary rows are per shard
+        summary.update(store_rows_touched=int(shards.total(summary["store_rows_touched"])),
+                       queue_changes=int(shards.total(summary["queue_changes"])), processes=env.world_size,
+                       store=str(cfg.store))
+        return _finish_sharded(cfg, out, store, backbone, model, dim, trainer, summary, shards)
     return _finish(cfg, out, store_dir, store, backbone, model, dim, trainer, summary)
 
 
@@ -306,16 +419,41 @@ def _batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _source_and_model(cfg: TrainDPConfig, store: PrototypeStore, backbone, dim: int,
-                      device: torch.device) -> tuple[ImageSource | FeatureSource, nn.Module]:
-    """Photos and the network that embeds them: the backbone, or (head-only) an identity projection."""
+def _finish_sharded(cfg: TrainDPConfig, out: Path, store: PrototypeStore, backbone, model: nn.Module, dim: int,
+                    trainer: Trainer, summary: dict[str, Any], shards: Shards) -> dict[str, Any]:
+    """Rank 0 saves the backbone and the manifest; every rank hands its own shard to the backbone."""
+    shards.barrier()  # every shard is written: the run's outputs may be described
+    if not shards.env.is_main:
+        fingerprint = shards.broadcast(None)
+        if fingerprint is not None:
+            store.set_backbone_fingerprint(fingerprint)
+        return {"rank": shards.env.rank, **summary}
+    fingerprint = None
     if cfg.data is not None:
         assert backbone is not None
-        source: ImageSource | FeatureSource = ImageSource(open_face_set(cfg.data), store.names,
+        fingerprint = save_backbone(out / FILENAME, model, arch=backbone.arch, embedding_size=dim,
+                                    preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
+                                    extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
+    shards.broadcast(fingerprint)
+    if fingerprint is not None:
+        store.set_backbone_fingerprint(fingerprint)
+    summary["backbone_fingerprint"] = fingerprint
+    _write_run_manifest(cfg, out, Path(cfg.store), dim, fingerprint, summary)
+    return summary
+
+
+def _source_and_model(cfg: TrainDPConfig, store: PrototypeStore, backbone, dim: int,
+                      device: torch.device, names=None) -> tuple[ImageSource | FeatureSource, nn.Module]:  # noqa: ANN001
+    """Photos and the network that embeds them: the backbone, or (head-only) an identity projection.
+    ``names``: every row's identity (a sharded run's global rows); default the store's."""
+    names = store.names if names is None else names
+    if cfg.data is not None:
+        assert backbone is not None
+        source: ImageSource | FeatureSource = ImageSource(open_face_set(cfg.data), names,
                                                           backbone.preprocess, cfg.workers)
         model: nn.Module = backbone.model
     else:
-        source = FeatureSource(cfg.features, store.names, dim)
+        source = FeatureSource(cfg.features, names, dim)
         model = nn.Linear(dim, dim, bias=False)
         nn.init.eye_(model.weight)
         model = model.to(device)
@@ -352,18 +490,25 @@ def _finish(cfg: TrainDPConfig, out: Path, store_dir: Path, store: PrototypeStor
             dim: int, trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
     """Save the fine-tuned backbone (with images), hand the store to it, write the manifest."""
     fingerprint = None
-    files = [LOG_FILE]
     if cfg.data is not None:
         assert backbone is not None
         fingerprint = save_backbone(out / FILENAME, model, arch=backbone.arch, embedding_size=dim,
                                     preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
                                     extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
-        files.insert(0, FILENAME)
         store.set_backbone_fingerprint(fingerprint)  # the store now belongs with OUT/backbone.pt
+    summary["backbone_fingerprint"] = fingerprint
+    _write_run_manifest(cfg, out, store_dir, dim, fingerprint, summary)
+    return summary
+
+
+def _write_run_manifest(cfg: TrainDPConfig, out: Path, store_dir: Path, dim: int, fingerprint: str | None,
+                        summary: dict[str, Any]) -> None:
+    files = [LOG_FILE]
+    if cfg.data is not None:
+        files.insert(0, FILENAME)
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         files.append(f"{CHECKPOINT_DIR}/{ckpt.name}")
-    summary["backbone_fingerprint"] = fingerprint
     params = {k_: v for k_, v in asdict(cfg).items() if k_ not in ("train",)}
     params["train"] = {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in asdict(cfg.train).items()}
     inputs = {"store": describe_input(store_dir)}
@@ -374,7 +519,6 @@ def _finish(cfg: TrainDPConfig, out: Path, store_dir: Path, store: PrototypeStor
     write_manifest(out, "backbone" if cfg.data is not None else "train-dp", params=params, inputs=inputs,
                    files=files, embedding_size=dim, backbone_fingerprint=fingerprint,
                    extra={"summary": summary})  # the whole summary: --resume on a finished run reports it
-    return summary
 
 
 def _trained_store_advice(store_dir: Path, message: str) -> str:
@@ -418,7 +562,15 @@ def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int)
 
 
 def run(cfg: TrainDPConfig, device: torch.device | str = "auto") -> Summary:
-    """The train-dp stage (see :func:`train_dp`)."""
+    """The train-dp stage (see :func:`train_dp`). Under ``torchrun`` every rank trains its shard of a
+    store sharded for the job's world size; rank 0 alone prints and writes the run's files."""
     from lblctl.core.runtime import as_device
 
-    return Summary("train-dp", train_dp(cfg, as_device(device)))
+    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
+    if env.active:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist_env.init(env, device.type)
+        if not env.is_main:
+            ui.set_quiet(True)
+    return Summary("train-dp", train_dp(cfg, device, env))

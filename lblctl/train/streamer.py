@@ -72,12 +72,16 @@ class StoreStreamer:
     ``lookahead`` d > 0: when step t+1's rows are chosen, the background thread chooses the rows of step
     t+1+d too (the sampler is deterministic; the queues may still change, so they are a hint) and the
     store starts reading their pages (:meth:`PrototypeStore.prefetch`): a cold gather finds them in memory
-    d steps later, and so does the main thread's ``select`` the queue rows it reads.
+    d steps later, and so does the main thread's ``select`` the queue rows it reads. ``ahead(step)``, when
+    given, chooses those rows instead of ``select`` (a sharded run's ``select`` is collective: the
+    background thread must not call it).
     """
 
     def __init__(self, store: PrototypeStore, journal: UndoJournal, select: Callable[[int], np.ndarray],
-                 photos: Photos, *, overlap: bool = True, pin: bool = False, lookahead: int = 2) -> None:
+                 photos: Photos, *, overlap: bool = True, pin: bool = False, lookahead: int = 2,
+                 ahead: Callable[[int], np.ndarray] | None = None) -> None:
         self.store, self.journal, self.select, self.photos = store, journal, select, photos
+        self.ahead = ahead or select  # the read-ahead's rows; not select where that joins collectives
         self.lookahead = lookahead
         self.overlap, self.pin = overlap, pin  # pin: page-lock the photos, so the copy to the GPU is async
         self.wait_s = 0.0  # main thread blocked on the thread: store traffic + decoding not hidden
@@ -115,7 +119,7 @@ class StoreStreamer:
             self._pool.submit(self._read_ahead, step)
 
     def _read_ahead(self, step: int) -> None:
-        self.store.prefetch(self.select(step))
+        self.store.prefetch(self.ahead(step))
 
     def _submit(self, step: int, rows: np.ndarray) -> Future:
         return self._pool.submit(self._prepare, step, rows)
