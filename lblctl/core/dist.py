@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lblctl.core.errors import LblError
+
+if TYPE_CHECKING:
+    import torch
 
 _VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -72,6 +76,25 @@ def init(env: DistEnv, device_type: str) -> None:
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+
+
+def join(device: torch.device | str = "auto") -> tuple[DistEnv, torch.device]:
+    """A stage's start: this process's place in the job and its ``torch.device`` (under torchrun
+    ``cuda:LOCAL_RANK``, set as the process's GPU before NCCL starts); the process group joined; ranks
+    other than 0 quiet. Without torchrun: ``DistEnv()`` and the device resolved."""
+    import torch
+
+    from lblctl.core import ui
+    from lblctl.core.runtime import as_device
+
+    env, dev = from_environ(), as_device(device)
+    if env.active:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # NCCL's own buffers go to this process's GPU too
+        init(env, dev.type)
+        if not env.is_main:
+            ui.set_quiet(True)
+    return env, dev
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -495,13 +495,5 @@ def imprint_features(cfg: ImprintConfig, device: torch.device | str = "cpu") -> 
 def run(cfg: ImprintConfig, device: torch.device | str = "auto") -> Summary:
     """The imprint stage: a prototype store from photos (with a backbone) or from a features file; under
     torchrun a sharded store, each rank embedding and writing its own shard."""
-    from lblctl.core.runtime import as_device
-
-    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
-    if env.active:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist_env.init(env, device.type)
-        if not env.is_main:
-            ui.set_quiet(True)
+    env, device = dist_env.join(device)  # under torchrun: cuda:LOCAL_RANK, the process group joined
     return Summary("imprint", imprint(cfg, device, env=env))

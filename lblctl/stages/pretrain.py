@@ -22,7 +22,6 @@ from lblctl.core import ui
 from lblctl.core.artifacts import describe_input, write_manifest
 from lblctl.core.errors import LblError
 from lblctl.core.metrics import kfold_accuracy
-from lblctl.core.runtime import as_device
 from lblctl.core.summary import Summary
 from lblctl.data.faces import (
     EpochBatchSampler,
@@ -148,13 +147,7 @@ def run(cfg: PretrainConfig, device: torch.device | str = "auto") -> Summary:
     takes its slice of every global batch and holds N/world rows of the classifier; rank 0 alone
     writes the backbone, the log, the manifest and prints.
     """
-    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
-    if env.active:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's own buffers go to this process's GPU too
-        dist_env.init(env, device.type)
-        if not env.is_main:
-            ui.set_quiet(True)
+    env, device = dist_env.join(device)  # under torchrun: cuda:LOCAL_RANK, the process group joined
     return Summary("pretrain", pretrain(replace(cfg, batch_size=batch_size_of(cfg)), device, env))
 
 

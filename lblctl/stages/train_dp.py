@@ -564,13 +564,5 @@ def _roll_back(store: PrototypeStore, queues: Queues | None, records, step: int)
 def run(cfg: TrainDPConfig, device: torch.device | str = "auto") -> Summary:
     """The train-dp stage (see :func:`train_dp`). Under ``torchrun`` every rank trains its shard of a
     store sharded for the job's world size; rank 0 alone prints and writes the run's files."""
-    from lblctl.core.runtime import as_device
-
-    env, device = dist_env.from_environ(), as_device(device)  # under torchrun: cuda:LOCAL_RANK
-    if env.active:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist_env.init(env, device.type)
-        if not env.is_main:
-            ui.set_quiet(True)
+    env, device = dist_env.join(device)  # under torchrun: cuda:LOCAL_RANK, the process group joined
     return Summary("train-dp", train_dp(cfg, device, env))

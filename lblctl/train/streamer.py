@@ -81,7 +81,7 @@ class StoreStreamer:
                  photos: Photos, *, overlap: bool = True, pin: bool = False, lookahead: int = 2,
                  ahead: Callable[[int], np.ndarray] | None = None) -> None:
         self.store, self.journal, self.select, self.photos = store, journal, select, photos
-        self.ahead = ahead or select  # the read-ahead's rows; not select where that joins collectives
+        self.ahead = ahead  # the read-ahead's rows (None: select's); not select where that joins collectives
         self.lookahead = lookahead
         self.overlap, self.pin = overlap, pin  # pin: page-lock the photos, so the copy to the GPU is async
         self.wait_s = 0.0  # main thread blocked on the thread: store traffic + decoding not hidden
@@ -119,7 +119,7 @@ class StoreStreamer:
             self._pool.submit(self._read_ahead, step)
 
     def _read_ahead(self, step: int) -> None:
-        self.store.prefetch(self.ahead(step))
+        self.store.prefetch((self.ahead or self.select)(step))
 
     def _submit(self, step: int, rows: np.ndarray) -> Future:
         return self._pool.submit(self._prepare, step, rows)
