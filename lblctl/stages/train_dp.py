@@ -428,12 +428,7 @@ def _finish_sharded(cfg: TrainDPConfig, out: Path, store: PrototypeStore, backbo
         if fingerprint is not None:
             store.set_backbone_fingerprint(fingerprint)
         return {"rank": shards.env.rank, **summary}
-    fingerprint = None
-    if cfg.data is not None:
-        assert backbone is not None
-        fingerprint = save_backbone(out / FILENAME, model, arch=backbone.arch, embedding_size=dim,
-                                    preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
-                                    extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
+    fingerprint = _save_backbone(cfg, out, backbone, model, dim, trainer)
     shards.broadcast(fingerprint)
     if fingerprint is not None:
         store.set_backbone_fingerprint(fingerprint)
@@ -486,15 +481,22 @@ def _resume(cfg: TrainDPConfig, trainer: Trainer, store: PrototypeStore, queues:
     return trainer.extra_state["next_rows"].numpy().astype(np.int64)
 
 
+def _save_backbone(cfg: TrainDPConfig, out: Path, backbone, model: nn.Module, dim: int,  # noqa: ANN001
+                   trainer: Trainer) -> str | None:
+    """``OUT/backbone.pt`` when the run trained on photos; its fingerprint (None: head-only)."""
+    if cfg.data is None:
+        return None
+    assert backbone is not None
+    return save_backbone(out / FILENAME, model, arch=backbone.arch, embedding_size=dim,
+                         preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
+                         extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
+
+
 def _finish(cfg: TrainDPConfig, out: Path, store_dir: Path, store: PrototypeStore, backbone, model: nn.Module,
             dim: int, trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
     """Save the fine-tuned backbone (with images), hand the store to it, write the manifest."""
-    fingerprint = None
-    if cfg.data is not None:
-        assert backbone is not None
-        fingerprint = save_backbone(out / FILENAME, model, arch=backbone.arch, embedding_size=dim,
-                                    preprocess=backbone.preprocess, arch_kwargs=backbone.meta["arch_kwargs"],
-                                    extra={"train_dp_steps": trainer.step, "from": backbone.fingerprint})
+    fingerprint = _save_backbone(cfg, out, backbone, model, dim, trainer)
+    if fingerprint is not None:
         store.set_backbone_fingerprint(fingerprint)  # the store now belongs with OUT/backbone.pt
     summary["backbone_fingerprint"] = fingerprint
     _write_run_manifest(cfg, out, store_dir, dim, fingerprint, summary)
