@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,10 @@ def copy_slice(dest: Path, names: list[str], per_identity: int) -> Path:
     return dest
 
 
-def imprinted_world(root: Path) -> tuple[dict[str, Path], Any]:
-    """40 real LFW identities × 3 photos, an untrained small CNN (32 px), a store imprinted from their ID
-    photos (with momentum): the paths, and the imprinted vectors."""
+def imprinted_world(root: Path, identities: int = 40, arch: str = "small_cnn",
+                    width: int = 8) -> tuple[dict[str, Path], Any]:
+    """``identities`` real LFW identities × 3 photos, an untrained backbone ``arch`` (32 px, 32-d), a store
+    imprinted from their ID photos (with momentum): the paths, and the imprinted vectors."""
     import torch
 
     from lblctl.core.store import PrototypeStore
@@ -95,11 +97,11 @@ def imprinted_world(root: Path) -> tuple[dict[str, Path], Any]:
     from lblctl.models.checkpoint import load_backbone, save_backbone
     from lblctl.models.embed import embed_paths
 
-    faces = copy_slice(root / "faces", lfw_identities(3, 40), 3)
+    faces = copy_slice(root / "faces", lfw_identities(3, identities), 3)
     torch.manual_seed(0)
-    model = create_backbone("small_cnn", 32, 32, width=8).eval()
-    save_backbone(root / "run" / "backbone.pt", model, arch="small_cnn", embedding_size=32,
-                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 8})
+    model = create_backbone(arch, 32, 32, width=width).eval()
+    save_backbone(root / "run" / "backbone.pt", model, arch=arch, embedding_size=32,
+                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": width})
     bb = load_backbone(root / "run")
     index = open_face_set(faces)
     emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
@@ -113,3 +115,15 @@ def imprinted_world(root: Path) -> tuple[dict[str, Path], Any]:
 def lfw_slice(tmp_path: Path) -> Path:
     """12 real LFW identities × 4 photos, as identity folders in a writable temp dir."""
     return copy_slice(tmp_path / "faces", lfw_identities(4, 12), 4)
+
+
+def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None:
+    """``queues.h5`` from the exact nearest neighbours of ``vectors`` (what build-index finds, without faiss)."""
+    from lblctl.core.queues import Queues
+
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :cq]
+    w = Queues.create(store_dir / "queues.h5", len(vectors), cq, dq)
+    w.write(0, order.astype(np.int32), np.take_along_axis(sims, order, 1).astype(np.float32))
+    w.commit()

@@ -22,9 +22,7 @@ from lblctl.core.queues import Queues
 from lblctl.core.shards import read_layout, shard_dir
 from lblctl.core.store import PrototypeStore
 from lblctl.core.strings import StringArray
-from lblctl.data.faces import Preprocess, open_face_set
-from lblctl.models.checkpoint import load_backbone, save_backbone
-from lblctl.models.embed import embed_paths
+from lblctl.models.checkpoint import load_backbone
 from lblctl.stages.reshard import reshard
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
 from lblctl.train.dp import UndoJournal
@@ -32,7 +30,7 @@ from lblctl.train.dp_dist import interleave
 from lblctl.train.engine import TrainConfig
 
 from . import torchrun_train_dp
-from .conftest import copy_slice, lfw_identities
+from .conftest import exact_queues, imprinted_world
 
 SCRIPT = str(Path(__file__).with_name("torchrun_train_dp.py"))
 REPO = str(Path(__file__).resolve().parents[1])
@@ -40,15 +38,6 @@ CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- worlds
-def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None:
-    sims = vectors @ vectors.T
-    np.fill_diagonal(sims, -np.inf)
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :cq]
-    w = Queues.create(store_dir / "queues.h5", len(vectors), cq, dq)
-    w.write(0, order.astype(np.int32), np.take_along_axis(sims, order, 1).astype(np.float32))
-    w.commit()
-
-
 def shard_store(src: Path, dst: Path, world: int) -> Path:
     """The plain store ``src`` sharded for ``world`` ranks by ``lblctl reshard``."""
     reshard(src, dst, world)
@@ -99,19 +88,10 @@ def feature_world(root: Path, n: int = 60, d: int = 16) -> dict[str, Path]:
 def face_world(root: Path) -> dict[str, Path]:
     """24 real LFW identities × 3 photos, an untrained conv backbone without BatchNorm, a store imprinted
     from the ID photos with exact queues, and the same store sharded for 2 ranks."""
-    faces = copy_slice(root / "faces", lfw_identities(3, 24), 3)
-    torch.manual_seed(0)
-    model = torchrun_train_dp.nobn(32, 32, width=4)
-    save_backbone(root / "run" / "backbone.pt", model, arch="test_nobn", embedding_size=32,
-                  preprocess=Preprocess(32, 0.6), arch_kwargs={"width": 4})
-    bb = load_backbone(root / "run")
-    index = open_face_set(faces)
-    emb = embed_paths(bb, [index.path(r) for r in index.select_images("id")], batch_size=64)
-    PrototypeStore.create(root / "plain", 32, list(index.names), backbone_fingerprint=bb.fingerprint,
-                          vectors=emb.vectors, momentum=True).close()
-    exact_queues(root / "plain", emb.vectors, cq=8, dq=4)
-    return {"faces": faces, "backbone": root / "run" / "backbone.pt", "plain": root / "plain",
-            "sharded": shard_store(root / "plain", root / "sharded", 2)}
+    paths, vectors = imprinted_world(root, identities=24, arch=torchrun_train_dp.NAME, width=4)
+    exact_queues(paths["store"], vectors, cq=8, dq=4)
+    return {"faces": paths["faces"], "backbone": paths["backbone"], "plain": paths["store"],
+            "sharded": shard_store(paths["store"], root / "sharded", 2)}
 
 
 # ----------------------------------------------------------------------------- runs

@@ -23,10 +23,9 @@ from lblctl.models.export import export_onnx  # noqa: E402
 from lblctl.stages.train_dp import TrainDPConfig, train_dp  # noqa: E402
 from lblctl.train.engine import TrainConfig  # noqa: E402
 
-from .conftest import LFW, copy_slice, lfw_identities  # noqa: E402
+from .conftest import LFW, copy_slice, exact_queues, lfw_identities  # noqa: E402
 from .test_cli import assert_one_line_error, run_cli  # noqa: E402
 from .test_export import make_backbone  # noqa: E402
-from .test_train_dp import exact_queues  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -27,18 +27,9 @@ from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_data import ImageSource
 from lblctl.train.engine import TrainConfig
 
-from .conftest import imprinted_world
+from .conftest import exact_queues, imprinted_world
 
 CPU = torch.device("cpu")
-
-
-def exact_queues(store_dir: Path, vectors: np.ndarray, cq: int, dq: int) -> None:
-    sims = vectors @ vectors.T
-    np.fill_diagonal(sims, -np.inf)
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :cq]
-    w = Queues.create(store_dir / "queues.h5", len(vectors), cq, dq)
-    w.write(0, order.astype(np.int32), np.take_along_axis(sims, order, 1).astype(np.float32))
-    w.commit()
 
 
 @pytest.fixture(scope="module")
