@@ -19,14 +19,13 @@ import torch
 from lblctl.core.dist import DistEnv
 from lblctl.core.errors import LblError
 from lblctl.core.queues import Queues
-from lblctl.core.shards import read_layout, shard_dir
+from lblctl.core.shards import ShardLayout, interleave_strings, read_layout, shard_dir
 from lblctl.core.store import PrototypeStore
 from lblctl.core.strings import StringArray
 from lblctl.models.checkpoint import load_backbone
 from lblctl.stages.reshard import reshard
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
 from lblctl.train.dp import UndoJournal
-from lblctl.train.dp_dist import interleave
 from lblctl.train.engine import TrainConfig
 
 from . import torchrun_train_dp
@@ -249,4 +248,4 @@ def test_names_interleave_by_row_mod_world() -> None:
     names = [f"id{i}" * (1 + i % 3) for i in range(11)]
     for world in (1, 2, 3, 4):
         parts = [StringArray.from_iter(names[r::world]) for r in range(world)]
-        assert list(interleave(parts)) == names
+        assert list(interleave_strings(parts, ShardLayout(world, len(names), 8))) == names

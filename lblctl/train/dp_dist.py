@@ -23,14 +23,11 @@ import numpy as np
 import torch
 
 from lblctl.core.dist import DistEnv
-from lblctl.core.errors import LblError
-from lblctl.core.shards import ShardLayout, shard_dir
+from lblctl.core.shards import ShardedStoreView, ShardLayout
 from lblctl.core.strings import StringArray
 from lblctl.models.losses import cosine_matrix
 from lblctl.models.partial_fc import _AllGather, _DistCrossEntropy, _gather_padded
 from lblctl.train.dp_head import DPHead
-
-_NAME_CHUNK = 1 << 20  # names per block when interleaving shards' names (bounded temporaries)
 
 
 def _dist():
@@ -220,35 +217,5 @@ def shard_names(store: Path, layout: ShardLayout) -> StringArray:
     """Every global row's identity name: the shards' names interleaved (row r is shard r % W's row r // W).
 
     Read-only, before any rank opens its shard for writing; a shard of the wrong size is refused."""
-    from lblctl.core.store import PrototypeStore
-
-    parts = []
-    for rank in range(layout.world_size):
-        folder = shard_dir(store, rank, layout.world_size)
-        with PrototypeStore.open(folder, "r", cache="mmap", populate=False) as st:
-            if st.num_rows != layout.shard_size(rank):
-                raise LblError(f"{folder}: {st.num_rows} rows, the layout says {layout.shard_size(rank)}; "
-                               "the sharded store is damaged (re-shard it)")
-            parts.append(st.names)
-    return interleave(parts)
-
-
-def interleave(parts: list[StringArray]) -> StringArray:
-    """The StringArray whose item r is ``parts[r % W][r // W]``, built on the byte buffers."""
-    w = len(parts)
-    n = sum(len(p) for p in parts)
-    lens = np.empty(n, dtype=np.int64)
-    for r, p in enumerate(parts):
-        lens[r::w] = np.diff(p.offsets)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    buf = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for r, p in enumerate(parts):
-        starts = offsets[r:n:w]
-        for a in range(0, len(p), _NAME_CHUNK):
-            b = min(len(p), a + _NAME_CHUNK)
-            lo, hi = int(p.offsets[a]), int(p.offsets[b])
-            counts = np.diff(p.offsets[a:b + 1])
-            dest = np.repeat(starts[a:b] - p.offsets[a:b], counts) + np.arange(lo, hi, dtype=np.int64)
-            buf[dest] = p.buffer[lo:hi]
-    return StringArray(buf, offsets)
+    with ShardedStoreView(store, layout) as view:
+        return view.names
