@@ -99,10 +99,13 @@ def write_layout(store: str | os.PathLike, layout: ShardLayout) -> None:
     atomic_write_json(Path(store) / LAYOUT, layout.to_json())
 
 
-def check_world(store: str | os.PathLike, layout: ShardLayout, world_size: int) -> None:
-    """Refuse a sharded store made for another world size, saying how to re-shard it."""
-    if layout.world_size != world_size:
-        raise LblError(f"--store {store}: sharded for {layout.world_size} rank(s), this job has {world_size}; "
+def check_world(store: str | os.PathLike, layout: ShardLayout | None, world_size: int) -> None:
+    """Refuse a store made for another world size (``layout`` None: a plain store, a world of one),
+    saying how to re-shard it."""
+    have = 1 if layout is None else layout.world_size
+    if have != world_size:
+        made = "a plain (unsharded) store" if layout is None else f"sharded for {have} rank(s)"
+        raise LblError(f"--store {store}: {made}, this job has {world_size}; "
                        f"re-shard it first: lblctl reshard --store {store} --world {world_size} --out NEW_STORE")
 
 

@@ -206,13 +206,9 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
 def _check_sharding(cfg: TrainDPConfig, env: dist_env.DistEnv) -> ShardLayout | None:
     """The store's shard layout (None: a plain store); refuse a store that does not fit this job."""
     layout = read_layout(cfg.store)
-    if layout is None:
-        if env.active:
-            raise LblError(f"--store {cfg.store}: a plain (unsharded) store, this job has {env.world_size} ranks; "
-                           f"re-shard it first: lblctl reshard --store {cfg.store} --world {env.world_size} "
-                           "--out NEW_STORE")
-        return None
     check_world(cfg.store, layout, env.world_size)
+    if layout is None:
+        return None
     if cfg.out_store is not None:
         raise LblError(f"--out-store: --store {cfg.store} is sharded (each rank trains its own shard in place); "
                        "copy the store folder and train the copy")
