@@ -170,7 +170,9 @@ def test_backbone_two_ranks_equal_one(tmp_path: Path, nobn_backbone: None) -> No
     b1, b2 = load_backbone(tmp_path / "one"), load_backbone(tmp_path / "two")
     start = load_backbone(w["backbone"]).model.state_dict()
     for key, value in b1.model.state_dict().items():
-        torch.testing.assert_close(b2.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (gathered embeddings, all-reduced gradients) over 6 SGD steps: one
+        # bias measured 1.5e-6 apart (3.9e-5 relative) with this project's pinned torch on 2026-12-02
+        torch.testing.assert_close(b2.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(start[k], v) for k, v in b1.model.state_dict().items())  # the backbone trained
     # each shard now belongs with the fine-tuned backbone
     for r in range(2):
