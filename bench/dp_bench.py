@@ -369,9 +369,12 @@ def _child(args: list[str]) -> dict:
 
 
 def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_path: str | None,
-              pfc_steps: int, pfc_max_n: dict[float, int], keep: bool = False, checkpoint_every: int = 10) -> dict:
+              pfc_steps: int, pfc_max_n: dict[float, int], keep: bool = False, checkpoint_every: int = 10,
+              steady_steps: int = 0) -> dict:
     """Per N: build the store (or reuse a kept one), then lblctl warm, lblctl cold and Partial FC back to
-    back, the order alternating from one N to the next (the shared box's load drifts)."""
+    back, the order alternating from one N to the next (the shared box's load drifts). ``steady_steps``:
+    also a long warm run with train-dp's default checkpoint interval (100), where the write-back of the
+    rows a short run leaves to its end has to keep up with the steps."""
     rows: list[dict] = []
     pfc: list[dict] = []
     for i, n in enumerate(sizes):
@@ -384,6 +387,9 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
                   "--checkpoint-every", str(checkpoint_every)]
         jobs: list[tuple[str, list[str]]] = [("warm", common + ([] if keep and built else ["--build"])),
                                              ("cold", common + ["--cold"])]
+        if steady_steps:
+            jobs.append(("steady", ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps",
+                                    str(steady_steps), "--scratch", str(work), "--checkpoint-every", "100"]))
         if pfc_path:
             jobs += [("pfc", ["--child-pfc", str(n), "--d", str(d), "--rate", str(rate), "--steps", str(pfc_steps),
                               "--pfc-path", pfc_path]) for rate, top in pfc_max_n.items() if n <= top]
@@ -392,12 +398,14 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
                     + [j for j in jobs if j[0] == "warm"]) if keep and built else jobs
         for kind, args in jobs:
             res = {"n": n, **_child(args), "order": len(rows) + len(pfc)}
+            if kind == "steady":
+                res["cache"] = "steady"
             (pfc if kind == "pfc" else rows).append(res)
             print(json.dumps(res), flush=True)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps,
-            "checkpoint_every": checkpoint_every}
+            "checkpoint_every": checkpoint_every, "steady_steps": steady_steps}
 
 
 def render_scale(r: dict) -> str:
@@ -425,20 +433,35 @@ def render_scale(r: dict) -> str:
         speed = (f"×{p1 / sw:.1f}" if p1 / sw < 10 else f"×{p1 / sw:.0f}") if p1 and sw else "–"
         md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(sc)} | {ratio_cold} | "
                   f"{f(p1)} | {f(p10)} | {speed} |")
+    if r.get("steady_steps"):
+        b = lb.get((ns[0], "steady"), {})
+        md += ["", f"## Steady state: warm, {r['steady_steps']} steps, a checkpoint every 100 (train-dp's default)",
+               "", "| N | median s/step | × 10k | mean s/step | × 10k | max s/step | flusher total s | "
+               "flusher wait s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in ns:
+            x = lb.get((n, "steady"), {})
+            if not x:
+                continue
+            rm = f"{x['s_per_step_median'] / b['s_per_step_median']:.2f}" if b else "–"
+            ra = f"{x['s_per_step_mean'] / b['s_per_step_mean']:.2f}" if b else "–"
+            md.append(f"| {n:,} | {x['s_per_step_median']:.3f} | {rm} | {x['s_per_step_mean']:.3f} | {ra} | "
+                      f"{x['s_per_step_max']:.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
+                      f"{x.get('flush_wait_s_total', 0):.2f} |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
            "checkpoint = main thread's time in store.flush per checkpoint; write-back = the flusher thread's total)",
            "",
-           "| N | cache | step median | step max | sampler | prefetch | gather | compute (rest) | "
+           "| N | cache | step median | step mean | step max | sampler | prefetch | gather | compute (rest) | "
            "write-back (commit) | "
            "journal | queue update | waiting for store | checkpoint s each | flusher total s | flusher wait s | "
            "anon RSS MiB | load avg |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["lblctl"]:
         if "error" in x:
             md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||||||")
             continue
         p = x["parts_s_per_step"]
-        md.append(f"| {x['n']:,} | {x['cache']} | {x['s_per_step_median']:.3f} | {x.get('s_per_step_max', 0):.3f} | "
+        md.append(f"| {x['n']:,} | {x['cache']} | {x['s_per_step_median']:.3f} | {x['s_per_step_mean']:.3f} | "
+                  f"{x.get('s_per_step_max', 0):.3f} | "
                   f"{p['sampler']:.4f} | {p.get('prefetch', 0):.4f} | {p['gather']:.4f} | "
                   f"{x['compute_rest_s_per_step']:.4f} | {p['write_back']:.4f} | {p['journal']:.4f} | "
                   f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | "
@@ -589,7 +612,10 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="scale: keep the stores in --scratch (and reuse them)")
+    ap.add_argument("--name", default="dp_scale", help="scale: results file stem under bench/results/")
     ap.add_argument("--checkpoint-every", type=int, default=10, help="scale: train-dp checkpoints (0: none)")
+    ap.add_argument("--steady-steps", type=int, default=0,
+                    help="scale: also a long warm run per N (checkpoint every 100) to show the steady state")
     args = ap.parse_args()
     if args.child_memory:
         print(json.dumps(memory_child(args.child_memory, args.d, args.k, args.steps, Path(args.scratch))))
@@ -607,12 +633,12 @@ def main() -> None:
         try:
             res = run_scale([int(x) for x in args.sizes.split(",")], args.d, args.k, args.steps, scratch,
                             args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]}, args.keep,
-                            args.checkpoint_every)
+                            args.checkpoint_every, args.steady_steps)
         finally:
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)
         md = render_scale(res)
-        write_results("dp_scale", res, md)
+        write_results(args.name, res, md)
         print(md)
         return
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dp_bench_", dir=os.environ.get("TMPDIR", "/tmp")))
