@@ -5,7 +5,10 @@ Layout of ``STORE/prototypes.h5`` (plain h5py reads every dataset):
 * ``prototypes`` N×D (float32 or float16), ``row_step`` N (int64, the commit step that last wrote
   each row, −1 = as created) and, optionally, ``momentum`` N×D: virtual datasets over contiguous,
   early-allocated segments ``_segments/<k>/…``. Appending identities adds a segment and re-points
-  the virtual datasets; nothing is rewritten.
+  the virtual datasets; nothing is rewritten. With momentum (``lblctl-store/2``) a segment holds
+  ``rows`` n×2×D, each row beside its momentum, page-aligned: train-dp reads and writes both, so a
+  random row costs one page (D 512 float32: 2 + 2 KB), not two; ``lblctl-store/1`` stores (rows and
+  momentum in two datasets) are read and written as they are.
 * ``identities`` N and ``id_photos`` N (variable-length utf-8; ``id_photos`` may hold "").
 * ``committed_step`` (int64, shape 1): the step of the last commit.
 * attributes ``format``, ``embedding_size``, ``backbone_fingerprint``, ``dtype``, ``has_momentum``.
