@@ -395,7 +395,7 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
                               "--pfc-path", pfc_path]) for rate, top in pfc_max_n.items() if n <= top]
         if i % 2:  # odd N: Partial FC first, then lblctl cold, then warm (the store is built by a first warm run)
             jobs = ([j for j in jobs if j[0] == "pfc"][::-1] + [j for j in jobs if j[0] == "cold"]
-                    + [j for j in jobs if j[0] == "warm"]) if keep and built else jobs
+                    + [j for j in jobs if j[0] in ("warm", "steady")]) if keep and built else jobs
         for kind, args in jobs:
             res = {"n": n, **_child(args), "order": len(rows) + len(pfc)}
             if kind == "steady":
