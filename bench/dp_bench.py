@@ -205,6 +205,10 @@ _PARTS = {  # part of a step: the functions whose time it is (module, class, met
 }
 
 
+cpu_stamps: list[float] = []  # main thread's CPU time at each step (set by _instrument's wrapper)
+proc_stamps: list[float] = []  # the process's CPU time (all threads) at each step
+
+
 def _instrument() -> tuple[dict[str, float], list[float]]:
     """Wrap the step's parts with timers (a bench, not a test: timing only, behaviour unchanged)."""
     import functools
@@ -213,6 +217,8 @@ def _instrument() -> tuple[dict[str, float], list[float]]:
 
     totals = {k: 0.0 for k in _PARTS}
     stamps: list[float] = []
+    cpu_stamps.clear()
+    proc_stamps.clear()
     depth = threading.local()
     for part, targets in _PARTS.items():
         for mod, cls, meth in targets:
@@ -237,6 +243,9 @@ def _instrument() -> tuple[dict[str, float], list[float]]:
 
     def stamped(self, _orig=handed):  # StoreStreamer.next runs once per step: its spacing is the step time
         stamps.append(time.perf_counter())
+        cpu_stamps.append(time.thread_time())
+        t = os.times()
+        proc_stamps.append(t.user + t.system)
         return _orig(self)
 
     StoreStreamer.next = functools.wraps(handed)(stamped)  # type: ignore[method-assign]
@@ -313,6 +322,10 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         "background_flushes": flushes["background"],
         "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
         "compute_rest_s_per_step": sps - per["sampler"] - per["queue_update"] - s["wait_for_data_s"] / steps,
+        # CPU seconds per step (medians over the same steps): of the main thread alone, and of the whole
+        # process (every thread, kernel time included), against the 2 cores' 2 s per wall second
+        "main_thread_cpu_s_per_step": float(np.median(np.diff(np.asarray(cpu_stamps))[3:])),
+        "process_cpu_s_per_step": float(np.median(np.diff(np.asarray(proc_stamps))[3:])),
         "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
         "anon_rss_mib_before": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
@@ -453,8 +466,8 @@ def render_scale(r: dict) -> str:
            "| N | cache | step median | step mean | step max | sampler | prefetch | gather | compute (rest) | "
            "write-back (commit) | "
            "journal | queue update | waiting for store | checkpoint s each | flusher total s | flusher wait s | "
-           "anon RSS MiB | load avg |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "main thread CPU s/step | process CPU s/step | anon RSS MiB | load avg |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["lblctl"]:
         if "error" in x:
             md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||||||")
@@ -466,7 +479,8 @@ def render_scale(r: dict) -> str:
                   f"{x['compute_rest_s_per_step']:.4f} | {p['write_back']:.4f} | {p['journal']:.4f} | "
                   f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | "
                   f"{x.get('checkpoint_flush_s_each', 0):.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
-                  f"{x.get('flush_wait_s_total', 0):.2f} | {x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
+                  f"{x.get('flush_wait_s_total', 0):.2f} | {x.get('main_thread_cpu_s_per_step', 0):.4f} | "
+                  f"{x.get('process_cpu_s_per_step', 0):.4f} | {x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
     return "\n".join(md)
 
 
