@@ -32,6 +32,17 @@ from .conftest import exact_queues, imprinted_world
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The loss figures below depend on how torch splits its sums over threads: pinned, as in test_models.
+    (Run alone with torch's 2 threads, the 40-step loss ratio was 0.90 where < 0.85 is asked; with 1 thread,
+    and in the whole suite, it passed.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """40 real LFW identities × 3 photos, an untrained small CNN, an imprinted store, exact queues."""
