@@ -347,6 +347,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "ft_from_all_train_bn": ("images", "all", ["--train-bn"]),
     "random_frozen_from_all": ("features", "all", ["--head", "random"]),
     "full_frozen_from_all": ("features", "all", ["--head", "full"]),
+    # issue 17, the queue share: --hard-fraction 1 (every non-sampled slot from the dominant queues) was the
+    # behaviour before 0.5 became the default
+    "dp_frozen_from_all_hf1": ("features", "all", ["--hard-fraction", "1"]),
+    "dp_frozen_from_all_hf0.25": ("features", "all", ["--hard-fraction", "0.25"]),
+    "ft_from_all_hf1": ("images", "all", ["--hard-fraction", "1"]),
+    "random_ft_from_all": ("images", "all", ["--head", "random"]),
 }
 LABELS = {
     "imprint_id": "imprint-ID (ID photo only, no training)",
@@ -365,10 +371,19 @@ LABELS = {
     "ft_lr_0.001": "fine-tuning, backbone `--lr 0.001`",
     "ft_lr_0.03": "fine-tuning, backbone `--lr 0.03`",
     "ft_warmup_0.5": "fine-tuning, `--head-warmup 0.5` (prototypes only for the first half)",
-    "ft_from_all": "fine-tuning, starting from the imprint-all store",
+    "ft_from_all": "**train-dp fine-tuned, defaults** (the README's pipeline: from the imprint-all store)",
     "ft_s32_m0.1": "fine-tuning, `-s 32 -m 0.1`",
     "ft_s16": "fine-tuning, `-s 16`",
-    "dp_frozen_from_all": "train-dp frozen, starting from the imprint-all store",
+    "dp_frozen_from_all": "train-dp frozen (head-only), defaults, from the imprint-all store",
+    "dp_frozen_from_all_hf1": "train-dp frozen, from imprint-all, `--hard-fraction 1` (queues only: the former "
+                              "behaviour)",
+    "dp_frozen_from_all_hf0.25": "train-dp frozen, from imprint-all, `--hard-fraction 0.25`",
+    "random_frozen_from_all": "`--head random`, frozen, from imprint-all",
+    "full_frozen_from_all": "`--head full`, frozen, from imprint-all",
+    "ft_from_all_hf1": "fine-tuning from imprint-all, `--hard-fraction 1` (queues only: the former behaviour)",
+    "random_ft_from_all": "`--head random`, fine-tuning from imprint-all",
+    "ft_from_all_freeze_bn": "fine-tuning from imprint-all, `--freeze-bn`",
+    "ft_from_all_train_bn": "fine-tuning from imprint-all, `--train-bn` (= the default)",
 }
 
 

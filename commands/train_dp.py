@@ -44,6 +44,8 @@ def main(
     head: Annotated[str, Opt(help="dp (dominant prototypes), random (Partial-FC-style) or full (all N).")] = "dp",
     classes: Annotated[int, Opt("--classes", "-K", help="K: classes (prototypes on the device) per step.")] = 256,
     sampled: Annotated[int, Opt("--sampled", "-S", help="S: identities sampled per step (rest: queues).")] = 64,
+    hard_fraction: Annotated[float, Opt(help="--head dp: share of the K − S non-sampled classes taken from the "
+                                        "dominant queues; the rest are random rows (1 = queues only; see README).")] = 0.5,
     photos_per_class: Annotated[int, Opt(help="Photos per class in the batch (ID photo first, then spot).")] = 2,
     batch_size: Annotated[int, Opt(help="Images per step (0 = K × photos-per-class).")] = 0,
     loss: Annotated[str, Opt(help="cosface (AM-softmax) or arcface.")] = "cosface",
@@ -87,7 +89,7 @@ def main(
                         log_every=log_every, seed=common.seed, tensorboard=tensorboard)
     return run(TrainDPConfig(
         store=store, out=out, data=data, features=features, backbone=backbone, out_store=out_store, head=head,
-        classes=classes, sampled=sampled, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
+        classes=classes, sampled=sampled, hard_fraction=hard_fraction, photos_per_class=photos_per_class, batch_size=batch_size, loss=loss,
         loss_kwargs={"s": scale, "m": margin}, head_lr=head_lr or None, freeze_backbone=freeze_backbone,
         freeze_bn=freeze_bn, head_warmup=head_warmup, projection=projection, epochs=epochs or None, workers=default_workers(workers), resume=resume,
         store_cache_rows=store_cache_rows or None, train=train), common.device)

@@ -39,6 +39,26 @@ def test_sampler_takes_queue_members_hardest_first() -> None:
     assert rows.tolist() == s.select(3, lambda r: q[r]).tolist()  # deterministic per step
 
 
+def test_sampler_hard_fraction_caps_queue_members_and_tops_up_with_random_rows() -> None:
+    n, dq = 200, 6
+    q = _queues(n, dq)
+    members_of = lambda s, rows: set(q[rows[:10]].ravel().tolist()) - {-1}  # noqa: E731
+    full_q = DominantSampler(n, np.arange(n), classes=40, sampled=10, seed=1)  # 1.0: every slot from the queues
+    half = DominantSampler(n, np.arange(n), classes=40, sampled=10, seed=1, hard_fraction=0.5)
+    none = DominantSampler(n, np.arange(n), classes=40, sampled=10, seed=1, hard_fraction=0.0)
+    a, b, c = (x.select(3, lambda r: q[r]) for x in (full_q, half, none))
+    assert np.array_equal(a[:10], b[:10]) and np.array_equal(a[:10], c[:10])  # the same sampled identities
+    assert len(np.unique(b)) == 40 and len(np.unique(c)) == 40
+    assert set(a[10:].tolist()) <= members_of(full_q, a)
+    # half of the 30 other slots: the hardest queue members, in the order fraction 1 takes them ...
+    assert b[10:25].tolist() == a[10:25].tolist()
+    # ... the other half random rows (drawn as a short queue's top-up is), not the queues' next members
+    assert b[25:].tolist() != a[25:40].tolist()
+    assert len(set(b[25:].tolist()) - members_of(half, b)) > 0
+    assert len(set(c[10:].tolist()) - members_of(none, c)) > 10
+    assert b.tolist() == half.select(3, lambda r: q[r]).tolist()  # deterministic per step
+
+
 def test_sampler_epoch_visits_everyone_once_and_fills_short_queues() -> None:
     n = 50
     trainable = np.arange(0, n, 2)  # only even rows have photos

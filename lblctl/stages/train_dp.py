@@ -64,6 +64,10 @@ class TrainDPConfig:
     head: str = "dp"  # dp | random (Partial-FC-style) | full (all N on the device)
     classes: int = 256  # K
     sampled: int = 64  # S
+    # Share of the K − S non-sampled slots filled from the dominant queues (the rest: random rows). 1.0 (every slot
+    # a hard negative) collapses retrieval over all N as training goes on: the queue members are pushed away
+    # from the data while the rows no queue holds stay put and win (README "Does train-dp pay off?").
+    hard_fraction: float = 0.5
     photos_per_class: int = 2
     batch_size: int = 0  # images per step; 0 = K × photos_per_class
     loss: str = "cosface"
@@ -100,6 +104,8 @@ class TrainDPConfig:
             raise LblError(f"--classes {self.classes} / --sampled {self.sampled}: need 1 ≤ S ≤ K and K ≥ 2")
         if self.photos_per_class < 1:
             raise LblError(f"--photos-per-class {self.photos_per_class}: need at least 1")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise LblError(f"--hard-fraction {self.hard_fraction}: a share of the K − S slots, 0 ≤ f ≤ 1")
         if not 0.0 <= self.head_warmup < 1.0:
             raise LblError(f"--head-warmup {self.head_warmup}: a fraction of the steps, 0 ≤ f < 1")
         if self.train.optimizer != "sgd":
@@ -220,7 +226,8 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
          names=None) -> dict[str, Any]:  # noqa: ANN001 - names: the global rows' StringArray (sharded runs)
     env = shards.env if shards is not None else dist_env.DistEnv()
     source, model = _source_and_model(cfg, store, backbone, dim, device, names)
-    sampler = DominantSampler(n, source.trainable, cfg.classes, cfg.sampled, cfg.train.seed, mode=cfg.head)
+    sampler = DominantSampler(n, source.trainable, cfg.classes, cfg.sampled, cfg.train.seed, mode=cfg.head,
+                              hard_fraction=cfg.hard_fraction)
     _warn_clamped(cfg, sampler, n)
     k, per_class, tcfg = sampler.classes, cfg.photos_per_class, cfg.train
     if cfg.batch_size > 0:
@@ -394,6 +401,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         source.close()
     summary = {
         "out": str(out), "store": str(store_dir), "head": cfg.head, "classes": k, "sampled": sampler.sampled,
+        "hard_fraction": cfg.hard_fraction if cfg.head == "dp" else None,
         "batch_classes": batch_classes, "freeze_bn": bool(frozen_bn), "head_warmup_steps": warm_steps,
         "loss": {"name": cfg.loss, **loss_options}, "head_lr": head_lr,
         "identities": n,

@@ -70,18 +70,22 @@ class DominantSampler:
     Queue members are taken
     column by column (every queue's first entry, then every second, …), so the hardest
     negatives of all S identities enter before the easier ones. Short queues are topped up with
-    random rows. ``mode="random"`` skips the queues (Partial-FC-style baseline); ``"full"``
-    selects every row.
+    random rows. ``hard_fraction`` caps the queue members at that share of the K − S non-sampled
+    slots; the rest are random rows (train-dp's default 0.5: with every slot a queue member the
+    prototypes in the queues are pushed away from the data while rows outside them are not, and
+    retrieval over all N collapses; README "Does train-dp pay off?"). ``mode="random"`` skips the
+    queues (Partial-FC-style baseline); ``"full"`` selects every row.
     """
 
     def __init__(self, num_rows: int, trainable: np.ndarray, classes: int, sampled: int, seed: int,
-                 mode: str = "dp") -> None:
+                 mode: str = "dp", hard_fraction: float = 1.0) -> None:
         self.num_rows = int(num_rows)
         self.trainable = np.asarray(trainable, dtype=np.int64)
         self.mode = mode
         self.classes = self.num_rows if mode == "full" else min(int(classes), self.num_rows)
         self.sampled = min(int(sampled), self.classes, len(self.trainable))
         self.seed = int(seed)
+        self.hard_fraction = float(hard_fraction)
         self._perm: _EpochPermutation | None = None
 
     @property
@@ -106,12 +110,13 @@ class DominantSampler:
         chosen = [seeds]
         taken = set(seeds.tolist())
         need = self.classes - len(seeds)
-        if self.mode == "dp" and dominant_of is not None and need > 0:
+        hard = int(np.floor(self.hard_fraction * need + 1e-9))
+        if self.mode == "dp" and dominant_of is not None and hard > 0:
             flat = np.asarray(dominant_of(seeds)).T.reshape(-1)  # column-major: hardest first
             flat = flat[flat >= 0]
             _, first = np.unique(flat, return_index=True)
             ordered = flat[np.sort(first)]
-            fresh = [r for r in ordered.tolist() if r not in taken][:need]
+            fresh = [r for r in ordered.tolist() if r not in taken][:hard]
             taken.update(fresh)
             chosen.append(np.asarray(fresh, dtype=np.int64))
             need -= len(fresh)
