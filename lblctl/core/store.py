@@ -84,7 +84,7 @@ DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 # Row datasets start on a page boundary, so that a row of up to a page never straddles two pages: a random
 # row costs one page read, not two (D 512 float32 rows were half straddling). Older stores read the same.
 _ALIGN = {"alignment_threshold": 4096, "alignment_interval": 4096}
-_MADV_POPULATE_READ = 22  # Linux ≥ 5.14
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux ≥ 5.14
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL
     _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -177,6 +177,11 @@ class _Segment:
         self.vec: np.ndarray | None = None
         self.step: np.ndarray | None = None
         self.mom: np.ndarray | None = None
+
+    def read_bytes(self, which: str) -> int:
+        """Bytes one row's read of ``which`` ("vec" or "mom") covers from its start: an interleaved row's
+        read takes its momentum along, so "mom" then needs none of its own (0)."""
+        return 0 if self.interleaved and which == "mom" else self.stride
 
 
 class PrototypeStore:
@@ -465,7 +470,7 @@ class PrototypeStore:
         raws = {id(r): r for r in (getattr(mm, "_mmap", None) for mm in maps) if r is not None}
         for raw in raws.values():
             try:
-                raw.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))  # Linux ≥ 5.14; elsewhere a no-op
+                raw.madvise(_MADV_POPULATE_READ)  # elsewhere a no-op
             except (AttributeError, OSError, ValueError):
                 return
         self._populated = True
@@ -473,22 +478,21 @@ class PrototypeStore:
     def _advise(self, rows: np.ndarray, which: str) -> None:
         """Ask the kernel to read the rows' pages now, all at once (a cold page cache then costs
         about one disk latency per gather instead of one per row, paid in turn by the page faults)."""
-        row_bytes = self._dim * self._dtype.itemsize
-        for s, r in self._by_segment(rows):
-            if which == "mom" and s.interleaved:
-                continue  # read with its row (the "vec" advice covers both)
-            base = s.vec_offset if which == "vec" else (s.mom_offset or 0)
-            self._advise_offsets(base + r * s.stride, s.stride if s.interleaved else row_bytes)
+        for s, _, r in self._by_segment(rows):
+            length = s.read_bytes(which)
+            if length:  # 0: an interleaved row's momentum, read with its row
+                base = s.vec_offset if which == "vec" else (s.mom_offset or 0)
+                self._advise_offsets(base + r * s.stride, length)
 
-    def _by_segment(self, rows: np.ndarray) -> Iterator[tuple[_Segment, np.ndarray]]:
-        """``(segment, rows local to it)`` for each segment that ``rows`` fall in."""
+    def _by_segment(self, rows: np.ndarray) -> Iterator[tuple[_Segment, slice | np.ndarray, np.ndarray]]:
+        """``(segment, which of rows fall in it, those rows local to it)`` for each segment ``rows`` touch."""
         if len(self._segments) == 1:
-            yield self._segments[0], rows - self._segments[0].start
+            yield self._segments[0], slice(None), rows - self._segments[0].start
             return
         seg = np.searchsorted(self._starts, rows, side="right") - 1
         for k in np.unique(seg).tolist():
-            s = self._segments[k]
-            yield s, rows[seg == k] - s.start
+            s, m = self._segments[k], seg == k
+            yield s, m, rows[m] - s.start
 
     def _advise_offsets(self, offsets: np.ndarray, length: int) -> None:
         """posix_fadvise(WILLNEED) for ``length`` bytes at each offset: the reads go out together."""
@@ -512,14 +516,13 @@ class PrototypeStore:
         pays them on the read-ahead thread instead of the gathering one."""
         if _LIBC is None or self._no_populate or self._closed:
             return
-        row_bytes = self._dim * self._dtype.itemsize
-        for s, r in self._by_segment(rows):
-            mm = getattr(s, which)
-            if not isinstance(mm, np.memmap) or (which == "mom" and s.interleaved):
-                continue  # an interleaved row's momentum is mapped with it
+        for s, _, r in self._by_segment(rows):
+            mm, span = getattr(s, which), s.read_bytes(which)
+            if not isinstance(mm, np.memmap) or not span:
+                continue  # 0: an interleaved row's momentum, mapped with its row
             addr = mm.ctypes.data + r * s.stride
             first = addr - addr % _PAGE
-            length = (addr + (s.stride if s.interleaved else row_bytes) + _PAGE - 1) // _PAGE * _PAGE - first
+            length = (addr + span + _PAGE - 1) // _PAGE * _PAGE - first
             for a, n in zip(first.tolist(), length.tolist(), strict=True):
                 if self._closed:
                     return
@@ -609,11 +612,8 @@ class PrototypeStore:
             out = getattr(self._segments[0], which)[rows].astype(np.float32)
         else:
             out = np.empty((len(rows), self._dim), dtype=np.float32)
-            seg = np.searchsorted(self._starts, rows, side="right") - 1
-            for k in np.unique(seg):
-                m = seg == k
-                s = self._segments[int(k)]
-                out[m] = getattr(s, which)[rows[m] - s.start]
+            for s, m, r in self._by_segment(rows):
+                out[m] = getattr(s, which)[r]
         for wb in (self._frozen, self._wb):  # live over frozen: the newest commit of a row wins
             if wb is not None and len(wb):
                 hit, slots = wb.find(rows)
@@ -654,7 +654,7 @@ class PrototypeStore:
                 self._advise(rows, which)
             for which in kinds:  # ... then mapped here, so that the gather takes no page fault
                 self._map_rows(rows, which)
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             pass  # a hint only (the store may be closing)
         finally:
             with self._reads_lock:
@@ -853,16 +853,11 @@ class PrototypeStore:
         all at once. (One ``pwrite`` per row measured 3.7× slower here: a syscall per 2 KB.)"""
         if not len(rows):
             return
-        seg = np.searchsorted(self._starts, rows, side="right") - 1
-        cold = self._ram_vec is None and not self._populated and len(rows) >= 64
-        if cold:
+        if self._ram_vec is None and not self._populated and len(rows) >= 64:  # cold: ask for every page at once
             self._advise(rows, "vec")
             if mom is not None:
                 self._advise(rows, "mom")
-        for k in np.unique(seg).tolist():
-            m = seg == k
-            s = self._segments[k]
-            r = rows[m] - s.start
+        for s, m, r in self._by_segment(rows):
             s.vec[r] = vec[m]
             s.step[r] = steps[m]
             if mom is not None and s.mom is not None:
