@@ -42,14 +42,27 @@ def string_dtype() -> Any:
     return h5py.string_dtype("utf-8")
 
 
-def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``ds[rows]`` for any order and repeats (h5py wants sorted unique indices)."""
+def row_map(path: str | os.PathLike, ds: h5py.Dataset) -> np.ndarray | None:
+    """A read-only memory map of a contiguous, allocated dataset (None otherwise): scattered rows read through
+    it cost ~0.1 ms per 256 where h5py's point selection takes ~2 ms. Writes through h5py land in the same
+    file pages, so the map sees them."""
+    offset = ds.id.get_offset()
+    if offset is None or ds.chunks is not None or ds.size == 0:
+        return None
+    return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray, mapped: np.ndarray | None = None) -> np.ndarray:
+    """``ds[rows]`` for any order and repeats (h5py wants sorted unique indices); through ``mapped``
+    (:func:`row_map`) when given."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if rows.size == 0:
         return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    if uniq[0] < 0 or uniq[-1] >= ds.shape[0]:
+    if rows.min() < 0 or rows.max() >= ds.shape[0]:
         raise IndexError(f"row out of range 0..{ds.shape[0] - 1}")
+    if mapped is not None:
+        return np.asarray(mapped[rows])
+    uniq, inverse = np.unique(rows, return_inverse=True)
     span = int(uniq[-1] - uniq[0] + 1)
     if span <= 4 * len(uniq) + 256:  # dense enough: one contiguous read
         block = ds[int(uniq[0]) : int(uniq[-1]) + 1]

@@ -41,21 +41,7 @@ FORMAT = "lblctl-queues-1"
 JOURNAL_KIND = b"queues"
 _FLUSH = 1  # journal record: count, dq, then rows i8 and dominant queues i4
 _FLUSH_HEAD = struct.Struct("<qq")
-def _map(path: Path, ds: hdf5.Dataset) -> np.ndarray | None:
-    """A read-only memory map of a contiguous, allocated dataset (None otherwise: read through h5py)."""
-    offset = ds.id.get_offset()
-    if offset is None or ds.chunks is not None or ds.size == 0:
-        return None
-    return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
-
-
-def _read_rows(ds: hdf5.Dataset, rows: np.ndarray, mapped: np.ndarray | None = None) -> np.ndarray:
-    if mapped is None:
-        return hdf5.read_rows(ds, rows)
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size and (rows.min() < 0 or rows.max() >= len(mapped)):
-        raise IndexError(f"row out of range 0..{len(mapped) - 1}")
-    return np.asarray(mapped[rows])
+_read_rows = hdf5.read_rows
 
 
 def journal_path(path: str | os.PathLike) -> Path:
@@ -149,10 +135,8 @@ class Queues:
         self._cand = h5["candidates"]
         self._scores = h5["candidate_scores"]
         self._dom = h5["dominant"]
-        # random rows are read through a memory map of the contiguous datasets: h5py's point selection costs
-        # ~2 ms per 256 scattered rows (the sampler reads S queues a step), the map ~0.1 ms; writes still go
-        # through h5py (the same file pages, so the map sees them)
-        self._cand_map, self._dom_map = _map(path, self._cand), _map(path, self._dom)
+        # scattered rows (the sampler reads S queues a step) through memory maps; writes still go through h5py
+        self._cand_map, self._dom_map = hdf5.row_map(path, self._cand), hdf5.row_map(path, self._dom)
         self.num_rows = int(self._cand.shape[0])
         self.cq = int(self._cand.shape[1])
         self.dq = int(self._dom.shape[1])
