@@ -205,20 +205,14 @@ _PARTS = {  # part of a step: the functions whose time it is (module, class, met
 }
 
 
-cpu_stamps: list[float] = []  # main thread's CPU time at each step (set by _instrument's wrapper)
-proc_stamps: list[float] = []  # the process's CPU time (all threads) at each step
-
-
-def _instrument() -> tuple[dict[str, float], list[float]]:
+def _instrument() -> tuple[dict[str, float], list[tuple[float, float, float]]]:
     """Wrap the step's parts with timers (a bench, not a test: timing only, behaviour unchanged)."""
     import functools
     import importlib
     import threading
 
     totals = {k: 0.0 for k in _PARTS}
-    stamps: list[float] = []
-    cpu_stamps.clear()
-    proc_stamps.clear()
+    stamps: list[tuple[float, float, float]] = []  # per step: wall, main thread's CPU, the process's CPU
     depth = threading.local()
     for part, targets in _PARTS.items():
         for mod, cls, meth in targets:
@@ -242,10 +236,8 @@ def _instrument() -> tuple[dict[str, float], list[float]]:
     handed = StoreStreamer.next
 
     def stamped(self, _orig=handed):  # StoreStreamer.next runs once per step: its spacing is the step time
-        stamps.append(time.perf_counter())
-        cpu_stamps.append(time.thread_time())
         t = os.times()
-        proc_stamps.append(t.user + t.system)
+        stamps.append((time.perf_counter(), time.thread_time(), t.user + t.system))
         return _orig(self)
 
     StoreStreamer.next = functools.wraps(handed)(stamped)  # type: ignore[method-assign]
@@ -307,7 +299,8 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
                         train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
                                           log_every=steps, checkpoint_every=checkpoint_every, seed=0))
     s = train_dp(cfg, torch.device("cpu"))
-    gaps = np.diff(np.asarray(stamps))  # StoreStreamer.next runs once per step: its spacing is the step time
+    gaps, cpu_gaps, proc_gaps = np.diff(np.asarray(stamps).reshape(-1, 3), axis=0).T  # StoreStreamer.next runs
+    # once per step: its spacing is the step time
     steady = gaps[3:] if len(gaps) > 6 else gaps
     per = {p: v / steps for p, v in totals.items()}
     sps = float(np.median(steady))
@@ -324,8 +317,8 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         "compute_rest_s_per_step": sps - per["sampler"] - per["queue_update"] - s["wait_for_data_s"] / steps,
         # CPU seconds per step (medians over the same steps): of the main thread alone, and of the whole
         # process (every thread, kernel time included), against the 2 cores' 2 s per wall second
-        "main_thread_cpu_s_per_step": float(np.median(np.diff(np.asarray(cpu_stamps))[3:])),
-        "process_cpu_s_per_step": float(np.median(np.diff(np.asarray(proc_stamps))[3:])),
+        "main_thread_cpu_s_per_step": float(np.median(cpu_gaps[3:])),
+        "process_cpu_s_per_step": float(np.median(proc_gaps[3:])),
         "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
         "anon_rss_mib_before": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
