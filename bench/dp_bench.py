@@ -195,12 +195,17 @@ _PARTS = {  # part of a step: the functions whose time it is (module, class, met
     "prefetch": [("lblctl.core.store", "PrototypeStore", "prefetch")],  # store thread: readahead of steps ahead
     "gather": [("lblctl.core.store", "PrototypeStore", "gather"),
                ("lblctl.core.store", "PrototypeStore", "gather_momentum")],
+    # store thread: stage and commit a step's rows (a provisional commit: a cache insert; with a spill inside it,
+    # its undo record and file writes count here too)
     "write_back": [("lblctl.core.store", "PrototypeStore", "scatter"),
+                   ("lblctl.core.store", "PrototypeStore", "commit"),
                    ("lblctl.core.store", "PrototypeStore", "_flush_cache")],
-    "journal": [("lblctl.core.store", "PrototypeStore", "_append_commit"),
+    # log records outside a commit, and the queues' undo records (main thread)
+    "journal": [("lblctl.core.store", "PrototypeStore", "_append"),
                 ("lblctl.core.undo", "UndoJournal", "record"), ("lblctl.core.undo", "UndoJournal", "first_touch")],
     "queue_update": [("lblctl.core.queues", "Queues", "promote")],
-    "checkpoint_flush": [("lblctl.core.store", "PrototypeStore", "flush")],  # main thread, at checkpoints
+    "checkpoint_flush": [("lblctl.core.store", "PrototypeStore", "flush"),  # main thread, at checkpoints
+                         ("lblctl.core.store", "PrototypeStore", "checkpoint")],
     "background_write_back": [("lblctl.core.store", "PrototypeStore", "_write_back")],  # the flusher thread
 }
 
@@ -280,13 +285,14 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     if cold:  # nothing of the run's files in the page cache, and no pre-faulting at open: every row from the disk
         evict([work / "store" / "prototypes.h5", work / "store" / "queues.h5", work / "feats.h5"])
         PrototypeStore._populate = lambda self, populate: None  # type: ignore[method-assign]
-    flushes = {"wait": 0.0, "background": 0}
+    flushes = {"wait": 0.0, "background": 0, "spilled_rows": 0}
     close = PrototypeStore.close
 
     def close_and_count(self, complete: bool = True, _orig=close) -> None:  # the store's own counters, at the end
         if self.mode == "r+" and not self._closed:
             flushes["wait"] += self.stats["flush_wait_s"]
             flushes["background"] += int(self.stats["background_flushes"])
+            flushes["spilled_rows"] += int(self.stats["spilled_rows"])
         _orig(self, complete)
 
     PrototypeStore.close = close_and_count  # type: ignore[method-assign]
@@ -312,7 +318,7 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         "run_seconds": s["seconds"], "parts_s_per_step": per,
         "checkpoint_flush_s_each": totals["checkpoint_flush"] / max(1, checkpoints + 1),
         "background_write_back_s_total": totals["background_write_back"], "flush_wait_s_total": flushes["wait"],
-        "background_flushes": flushes["background"],
+        "background_flushes": flushes["background"], "spilled_rows": flushes["spilled_rows"],
         "wait_for_data_s_per_step": s["wait_for_data_s"] / steps,
         "compute_rest_s_per_step": sps - per["sampler"] - per["queue_update"] - s["wait_for_data_s"] / steps,
         # CPU seconds per step (medians over the same steps): of the main thread alone, and of the whole

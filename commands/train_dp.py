@@ -73,7 +73,10 @@ def main(
     workers: Annotated[int, Opt(help="Decoding threads (-1 = cores − 1).")] = -1,
     resume: o.Resume = False,
     tensorboard: o.Tensorboard = False,
-    store_cache_rows: Annotated[int, Opt(help="Store write-back cache, rows (0 = default 65,536).")] = 0,
+    store_cache_rows: Annotated[int, Opt(help="Store write-back cache, rows (0 = what a checkpoint interval "
+                                              "touches: K × --checkpoint-every, at least 65,536, at most 1/8 of "
+                                              "free memory). Rows beyond it go to the store file before their "
+                                              "checkpoint, with undo records (summary: store_spilled_rows).")] = 0,
     nproc: o.Nproc = 1,
     *,
     common: Common,

@@ -18,14 +18,14 @@ import torch
 
 from lblctl.core.dist import DistEnv
 from lblctl.core.errors import LblError
+from lblctl.core.journal import read_log
 from lblctl.core.queues import Queues
 from lblctl.core.shards import ShardLayout, interleave_strings, read_layout, shard_dir
-from lblctl.core.store import PrototypeStore
+from lblctl.core.store import _UNDO, WAL2_NAME, WAL_KIND, WAL_NAME, PrototypeStore
 from lblctl.core.strings import StringArray
 from lblctl.models.checkpoint import load_backbone
 from lblctl.stages.reshard import reshard
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
-from lblctl.train.dp import UndoJournal
 from lblctl.train.engine import TrainConfig
 
 from . import torchrun_train_dp
@@ -184,7 +184,8 @@ def test_backbone_two_ranks_equal_one(tmp_path: Path, nobn_backbone: None) -> No
 def test_kill9_one_rank_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     w = feature_world(tmp_path)
     opts = ("--features", str(w["features"]), "--classes", "16", "--sampled", "4", "--steps", "12",
-            "--checkpoint-every", "2", "--head-lr", "0.5", "--lr", "0.1", "--projection")  # DDP-trained projection
+            "--checkpoint-every", "2", "--head-lr", "0.5", "--lr", "0.1", "--projection",  # DDP-trained projection
+            "--store-cache-rows", "4")  # 8 rows a step per rank: every step spills rows to the shard (undo logged)
     ref_store = shard_store(w["plain"], tmp_path / "ref_store", 2)
     ref = run(command(ref_store, tmp_path / "ref", *opts, nproc=2))
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -193,16 +194,15 @@ def test_kill9_one_rank_then_resume_equals_uninterrupted(tmp_path: Path) -> None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "LBLCTL_TEST_PIDS": str(pids)}
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(command(w["sharded"], out, *opts, nproc=2), env=env, stdout=log, stderr=log)
-        journal = out / "checkpoints" / "undo.rank1.bin"
+        logs = [shard_dir(w["sharded"], 1, 2) / name for name in (WAL_NAME, WAL2_NAME)]
         deadline = time.time() + 180
         killed = False
         while time.time() < deadline and proc.poll() is None and not killed:
-            # rank 1 has committed its 2nd checkpoint (step 4) and its shard is already ahead of it
-            if (out / "checkpoints" / "step_00000004.rank1.pt").exists() and journal.exists():
-                step, records = UndoJournal.read(journal)
-                if step >= 4 and any(table == "prot" for table, _, _ in records):
-                    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGKILL)
-                    killed = True
+            # rank 1 has committed its 2nd checkpoint (step 4) and has spilled rows of later steps into its shard
+            if (out / "checkpoints" / "step_00000004.rank1.pt").exists() and \
+                    any(t == _UNDO for log in logs for t, _ in read_log(log, WAL_KIND)):
+                os.kill(int((pids / "rank1.pid").read_text()), signal.SIGKILL)
+                killed = True
             time.sleep(0.005)
         proc.wait(timeout=120)
     assert killed and proc.returncode != 0, (tmp_path / "killed.log").read_text()[-3000:]

@@ -138,13 +138,11 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _streamer(tmp_path: Path, overlap: bool, photos=None) -> tuple[StoreStreamer, PrototypeStore, UndoJournal]:
+def _streamer(tmp_path: Path, overlap: bool, photos=None) -> tuple[StoreStreamer, PrototypeStore]:
     n, d = 20, 8
     PrototypeStore.create(tmp_path / "store", d, [f"p{i}" for i in range(n)],
                           vectors=_unit(np.random.default_rng(0), n, d), momentum=True).close()
     store = PrototypeStore.open(tmp_path / "store", "r+")
-    journal = UndoJournal(tmp_path / "undo.bin", n)
-    journal.reset(0)
 
     def no_photos(step: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(len(rows), 3), torch.arange(len(rows))
@@ -152,12 +150,12 @@ def _streamer(tmp_path: Path, overlap: bool, photos=None) -> tuple[StoreStreamer
     def select(step: int) -> np.ndarray:
         return (np.arange(6) + 3 * step) % n  # consecutive steps share 3 rows
 
-    return StoreStreamer(store, journal, select, photos or no_photos, overlap=overlap), store, journal
+    return StoreStreamer(store, select, photos or no_photos, overlap=overlap), store
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_streamer_hands_out_fresh_rows_and_journals_old_ones(tmp_path: Path, overlap: bool) -> None:
-    st, store, journal = _streamer(tmp_path, overlap)
+def test_streamer_hands_out_fresh_rows_and_commits_them_provisionally(tmp_path: Path, overlap: bool) -> None:
+    st, store = _streamer(tmp_path, overlap)
     original = store.gather(np.arange(20))
     st.start(0, st.select(0))
     trained = {}
@@ -177,11 +175,12 @@ def test_streamer_hands_out_fresh_rows_and_journals_old_ones(tmp_path: Path, ove
     assert np.array_equal(store.gather(np.array(sorted(trained))), np.array([trained[r] for r in sorted(trained)]))
     assert np.array_equal(store.gather_momentum(np.array([12, 13, 14])), np.full((3, 8), 4.0))
     st.close()
-    journal.close()
-    _, records = UndoJournal.read(tmp_path / "undo.bin")
-    saved = {int(r): v for t, rows, vals in records if t == "prot" for r, v in zip(rows, vals, strict=True)}
-    assert sorted(saved) == sorted(trained)  # each row saved once, with its value from before training
-    assert all(np.array_equal(saved[r], original[r]) for r in saved)
+    with PrototypeStore.open(tmp_path / "store") as seen:  # provisional: in no log until a checkpoint
+        assert seen.committed_step == -1 and np.array_equal(seen.gather(np.arange(20)), original)
+    store.checkpoint()
+    with PrototypeStore.open(tmp_path / "store") as seen:  # the checkpoint: one commit point for all four steps
+        assert seen.committed_step == 4
+        assert np.array_equal(seen.gather(np.array(sorted(trained))), np.array([trained[r] for r in sorted(trained)]))
     store.close()
 
 
@@ -191,7 +190,7 @@ def test_streamer_reraises_thread_errors_in_the_caller(tmp_path: Path) -> None:
             raise OSError("disk gone while decoding")
         return torch.zeros(len(rows), 3), torch.arange(len(rows))
 
-    st, store, journal = _streamer(tmp_path, True, photos)
+    st, store = _streamer(tmp_path, True, photos)
     st.start(0, st.select(0))
     data = st.next()
     with pytest.raises(OSError, match="disk gone"):
@@ -199,19 +198,18 @@ def test_streamer_reraises_thread_errors_in_the_caller(tmp_path: Path) -> None:
     st.close()
     store.close()
     ro = PrototypeStore.open(tmp_path / "store")  # a writer error (read-only store) surfaces at drain()
-    st2 = StoreStreamer(ro, journal, st.select, photos, overlap=True)
+    st2 = StoreStreamer(ro, st.select, photos, overlap=True)
     st2.write_back(data, data.vectors, data.momentum, commit_as=1)
     with pytest.raises(LblError, match="read-only"):
         st2.drain()
     st2.close()
     ro.close()
-    journal.close()
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch running more than one thread")
 def test_streamer_thread_runs_torch_single_threaded(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
-    st, store, journal = _streamer(tmp_path, True)
+    st, store = _streamer(tmp_path, True)
     assert st._pool.submit(torch.get_num_threads).result() == 1  # no second OpenMP team beside the step's
     assert torch.get_num_threads() == threads
     later: list[int] = []
@@ -221,13 +219,12 @@ def test_streamer_thread_runs_torch_single_threaded(tmp_path: Path) -> None:
     assert later == [threads]  # threads started afterwards keep the default
     st.close()
     store.close()
-    journal.close()
 
 
 def test_streamer_chooses_rows_of_steps_ahead_for_the_store_to_prefetch(tmp_path: Path) -> None:
     """Issue 18: with lookahead d, step t+1+d's rows are chosen (in the background thread) when step t+1 is
     handed out, and handed to the store's prefetch, so that a cold gather finds its pages already read."""
-    st, store, journal = _streamer(tmp_path, True)
+    st, store = _streamer(tmp_path, True)
     asked: list[tuple[str, int]] = []
     select = st.select
     st.select = lambda step: asked.append((threading.current_thread().name[:12], step)) or select(step)
@@ -241,5 +238,4 @@ def test_streamer_chooses_rows_of_steps_ahead_for_the_store_to_prefetch(tmp_path
     assert [s for t, s in asked if t == "MainThread"] == [1, 2, 3]  # the step after the one handed out
     # read-ahead: the steps between at the start, then t+1+3 whenever step t+1 is handed out
     assert sorted(s for t, s in asked if t == "lblctl-store") == [2, 3, 4, 5, 6]
-    journal.close()
     store.close()

@@ -297,6 +297,117 @@ def test_background_write_back_while_commits_go_on(tmp_path: Path) -> None:
     assert (folder / WAL_NAME).stat().st_size == (folder / WAL2_NAME).stat().st_size == 16
 
 
+def test_provisional_commits_count_at_the_checkpoint_and_reach_the_file_on_release(tmp_path: Path) -> None:
+    """Issue 18: train-dp's steps commit provisionally (no log record, no file page); checkpoint() makes them one
+    commit point, and the rows go to the data file only at the release (flush(wait=False)); until then a run
+    that lost its own checkpoint reopens the store at the one before (recover_to)."""
+    folder = tmp_path / "s"
+    vecs = make(folder, n=200, momentum=True)
+    rng = np.random.default_rng(4)
+    want = {-1: unit(vecs).copy()}
+    with PrototypeStore.open(folder, "r+", cache="mmap") as s:
+        for step in range(6):
+            rows = np.sort(rng.choice(200, 30, replace=False))
+            s.scatter(rows, rng.normal(size=(30, 8)), momentum=rng.normal(size=(30, 8)))
+            s.commit(step, provisional=True)
+            want[step] = want[step - 1].copy()
+            want[step][rows] = s.gather(rows)
+            if step == 2:
+                assert (folder / WAL_NAME).stat().st_size == 16  # nothing logged per step
+                with PrototypeStore.open(folder) as r:  # a reader sees the last commit point: the store as made
+                    assert r.committed_step == -1 and np.array_equal(r.gather(np.arange(200)), want[-1])
+                s.checkpoint()
+                s.flush(wait=False)  # released: written back in the background
+                s.wait_write_back()
+                with h5py.File(folder / FILENAME, "r") as f:
+                    assert f["committed_step"][0] == 2
+                    np.testing.assert_array_equal(f["prototypes"][:], want[2])
+        s.checkpoint()  # step 5: durable in the log; the caller "dies" before saving its own checkpoint
+        with h5py.File(folder / FILENAME, "r") as f:  # not released: the data file is still at step 2
+            assert f["committed_step"][0] == 2
+            np.testing.assert_array_equal(f["prototypes"][:], want[2])
+        with PrototypeStore.open(folder) as r:
+            assert r.committed_step == 5 and np.array_equal(r.gather(np.arange(200)), want[5])
+        s.scatter(np.arange(3), rng.normal(size=(3, 8)))
+        s.commit(6, provisional=True)
+    # closed with an unreleased checkpoint and a provisional commit: left as a kill leaves them
+    with PrototypeStore.open(folder, "r", recover_to=2) as r:
+        assert r.committed_step == 2 and "dropped 1 commit point(s) after step 2" in r.recovery
+        np.testing.assert_array_equal(r.gather(np.arange(200)), want[2])
+    with PrototypeStore.open(folder, "r+") as w:  # no target: the last commit point
+        assert w.committed_step == 5
+        np.testing.assert_array_equal(w.gather(np.arange(200)), want[5])
+
+
+def test_a_checkpoint_of_provisional_commits_does_not_wait_for_the_last_write_back(tmp_path: Path) -> None:
+    """With the last checkpoint's write-back still under way, checkpoint() logs the new rows and returns; they stay
+    in the cache (logged) for the next write-back, and a run that stops before its next checkpoint is recovered
+    to this one."""
+    folder = tmp_path / "s"
+    make(folder, n=100_000, d=16, dtype="float16")
+    rng = np.random.default_rng(0)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=200_000) as s:
+        for step in range(3):
+            s.scatter(rng.choice(100_000, 30_000, replace=False), rng.normal(size=(30_000, 16)))
+            s.commit(step, provisional=True)
+        s.checkpoint()
+        s.flush(wait=False)
+        s.scatter(np.arange(50), rng.normal(size=(50, 16)))
+        s.commit(3, provisional=True)
+        assert s.flushing  # 90,000 rows take a while to write back
+        s.checkpoint()
+        assert s.stats["background_flushes"] == 1 and s.stats["flush_wait_s"] == 0 and s.cached_rows == 50
+        want = s.gather(np.arange(100_000))
+        s.flush(wait=False)  # the release: no second write-back while the first runs
+        s.scatter(np.arange(50, 100), rng.normal(size=(50, 16)))
+        s.commit(4, provisional=True)  # never checkpointed: the run "stops" here
+    with PrototypeStore.open(folder, "r+", recover_to=3) as w:
+        assert w.committed_step == 3
+        np.testing.assert_array_equal(w.gather(np.arange(100_000)), want)
+
+
+def test_a_full_cache_spills_provisional_rows_with_undo_records(tmp_path: Path) -> None:
+    """When an interval's rows outgrow the cache they go to the data file early, each after an undo record of
+    its value at the last commit point, so a kill (or close) before the checkpoint still rolls them back."""
+    folder = tmp_path / "s"
+    make(folder, n=300, momentum=True, dtype="float16")
+    rng = np.random.default_rng(5)
+    with PrototypeStore.open(folder, "r+", cache="mmap", write_cache_rows=50) as s:
+        s.scatter(np.arange(40), rng.normal(size=(40, 8)), momentum=rng.normal(size=(40, 8)))
+        s.commit(0, provisional=True)
+        s.checkpoint()
+        s.flush(wait=False)
+        at_ckpt = (s.gather(np.arange(300)), s.gather_momentum(np.arange(300)), s.row_steps(np.arange(300)))
+        for step in range(1, 8):  # 7 × 30 rows through a 50-row cache: spills
+            rows = np.sort(rng.choice(300, 30, replace=False))
+            s.scatter(rows, rng.normal(size=(30, 8)), momentum=rng.normal(size=(30, 8)))
+            s.commit(step, provisional=True)
+        assert s.stats["spills"] >= 4
+        with h5py.File(folder / FILENAME, "r") as f:  # provisional rows are in the data file ...
+            assert not np.array_equal(f["prototypes"][:].astype(np.float32), at_ckpt[0])
+            assert f["committed_step"][0] == 0
+        ahead = s.gather(np.arange(300))
+    for mode, note in (("r", "rolled back"), ("r+", "rolled back"), ("r", "clean")):  # a reader in memory,
+        with PrototypeStore.open(folder, mode) as r:  # the writer in the file; then there is nothing to do
+            assert r.committed_step == 0 and note in r.recovery
+            np.testing.assert_array_equal(r.gather(np.arange(300)), at_ckpt[0])
+            np.testing.assert_array_equal(r.gather_momentum(np.arange(300)), at_ckpt[1])
+            np.testing.assert_array_equal(r.row_steps(np.arange(300)), at_ckpt[2])
+    assert not np.array_equal(ahead, at_ckpt[0])
+    with PrototypeStore.open(folder, "r+", write_cache_rows=50) as s:  # the same steps, then a checkpoint: kept
+        rng = np.random.default_rng(6)
+        for step in range(1, 8):
+            rows = np.sort(rng.choice(300, 30, replace=False))
+            s.scatter(rows, rng.normal(size=(30, 8)), momentum=rng.normal(size=(30, 8)))
+            s.commit(step, provisional=True)
+        s.checkpoint()
+        s.flush(wait=False)
+        kept = s.gather(np.arange(300))
+    with PrototypeStore.open(folder) as r:
+        assert r.committed_step == 7 and r.recovery == "clean"
+        np.testing.assert_array_equal(r.gather(np.arange(300)), kept)
+
+
 KILL_MID_WRITE_BACK = """
 import os, signal, sys
 import numpy as np
@@ -370,6 +481,7 @@ import numpy as np
 from lblctl.core.store import PrototypeStore
 N, D, K = {N}, {D}, {K}
 cache_rows, every = int(sys.argv[3]), int(sys.argv[4])  # 0: the default cache; every > 0: flush(wait=False) so often
+provisional = sys.argv[5] == "1"  # train-dp's way: provisional commits, a checkpoint every `every` steps
 with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2], write_cache_rows=cache_rows or None) as s:
     step = s.committed_step
     print("start", step, flush=True)
@@ -378,8 +490,11 @@ with PrototypeStore.open(sys.argv[1], "r+", cache=sys.argv[2], write_cache_rows=
         rng = np.random.default_rng(step)
         rows = rng.choice(N, K, replace=False)
         s.scatter(rows, rng.normal(size=(K, D)), momentum=rng.normal(size=(K, D)))
-        s.commit(step)
+        s.commit(step, provisional=provisional)
         if every and step % every == 0:
+            if provisional:
+                s.checkpoint()
+                print("checkpoint", step, flush=True)  # the caller's own checkpoint, saved only now
             s.flush(wait=False)
         print(step, flush=True)
 """
@@ -399,10 +514,14 @@ def expected_state(initial: np.ndarray, upto: int, dtype: str) -> tuple[np.ndarr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache_rows,every", [(0, 0), (1000, 2)], ids=["in-cache", "background-write-backs"])
-def test_kill_minus_nine_at_random_moments(tmp_path: Path, cache_rows: int, every: int) -> None:
+@pytest.mark.parametrize("cache_rows,every,provisional", [(0, 0, 0), (1000, 2, 0), (1000, 3, 1)],
+                         ids=["in-cache", "background-write-backs", "provisional-spilling"])
+def test_kill_minus_nine_at_random_moments(tmp_path: Path, cache_rows: int, every: int, provisional: int) -> None:
     """background-write-backs: a 1000-row cache fills every third commit and every second commit is a
-    checkpoint-style flush(wait=False), so most kills land while a write-back is under way."""
+    checkpoint-style flush(wait=False), so most kills land while a write-back is under way.
+    provisional-spilling (train-dp's way): provisional commits, a checkpoint every third step (1,200 rows an
+    interval: the 1000-row cache spills); the store must reopen at the caller's last checkpoint, even when the
+    kill came between the store's checkpoint and the caller's."""
     dtype = "float16"
     initial = make(tmp_path / "s", n=N, d=D, dtype=dtype, momentum=True)
     rng = np.random.default_rng(0)
@@ -410,19 +529,27 @@ def test_kill_minus_nine_at_random_moments(tmp_path: Path, cache_rows: int, ever
     last, recoveries = -1, []
     for kill in range(16):
         cache = ("ram", "mmap")[kill % 2]
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), cache, str(cache_rows), str(every)],
-                                stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), cache, str(cache_rows), str(every),
+                                 str(provisional)], stdout=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("start")
         time.sleep(float(rng.uniform(0.0, 0.12)))
         os.kill(proc.pid, signal.SIGKILL)
-        printed = [int(x) for x in proc.stdout.read().split()]
+        lines = proc.stdout.read().splitlines()
         proc.wait()
+        printed = [int(x) for x in lines if x.isdigit()]
         done = printed[-1] if printed else last
-        with PrototypeStore.open(tmp_path / "s", "r+", cache="mmap") as s:
+        target = None
+        if provisional:  # the caller's last saved checkpoint
+            marks = [int(x.split()[1]) for x in lines if x.startswith("checkpoint ")]
+            done = target = marks[-1] if marks else last
+        with PrototypeStore.open(tmp_path / "s", "r+", cache="mmap", recover_to=target) as s:
             step = s.committed_step
             recoveries.append(s.recovery)
-            assert step in (done, done + 1), (step, done)  # the last reported commit, or the one under way
+            if provisional:
+                assert step == done, (step, done)
+            else:
+                assert step in (done, done + 1), (step, done)  # the last reported commit, or the one under way
             assert step >= last
             vec, mom, steps = expected_state(initial, step, dtype)
             np.testing.assert_array_equal(s.gather(np.arange(N)), vec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,9 +24,8 @@ from lblctl.data.faces import Preprocess, open_face_set
 from lblctl.models.backbones import create_backbone
 from lblctl.models.checkpoint import load_backbone, save_backbone
 from lblctl.stages.train_dp import TrainDPConfig, train_dp
-from lblctl.train.dp import UndoJournal
 from lblctl.train.dp_data import ImageSource
-from lblctl.train.engine import TrainConfig
+from lblctl.train.engine import TrainConfig, checkpoint_step
 
 from .conftest import exact_queues, imprinted_world
 
@@ -142,13 +142,26 @@ def test_refusals(world: dict[str, Path], tmp_path: Path) -> None:
         train_dp(cfg, CPU)
 
 
+def logged_steps(run: Path) -> list[int]:
+    """Steps in a running job's log (a line still being written is skipped)."""
+    steps = []
+    for line in (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").exists() else []:
+        with contextlib.suppress(ValueError):
+            steps.append(json.loads(line).get("step", -1))
+    return steps
+
+
 @pytest.mark.slow
-def test_kill9_resume_rolls_back_and_matches(world: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache_rows", [0, 8], ids=["in-cache", "spilling"])
+def test_kill9_resume_rolls_back_and_matches(world: dict[str, Path], tmp_path: Path, cache_rows: int) -> None:
+    """Killed between checkpoints, with the store ahead of the run's checkpoint: its steps' rows in the
+    write-back cache only (in-cache) or, with an 8-row cache, partly in the data file (spilling, undo
+    logged); --resume must give the uninterrupted run's losses, prototypes and queues."""
     def cmd(store: Path, out: Path) -> list[str]:
         return [sys.executable, "-m", "lblctl.cli", "train-dp", "--data", str(world["faces"]), "--backbone",
                 str(world["backbone"]), "--store", str(store), "--out", str(out), "--classes", "12", "--sampled",
                 "4", "--steps", "24", "--checkpoint-every", "4", "--log-every", "1", "--lr", "0.05",
-                "--workers", "1", "--device", "cpu", "--seed", "3", "--quiet"]
+                "--workers", "1", "--device", "cpu", "--seed", "3", "--quiet", "--store-cache-rows", str(cache_rows)]
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref_store, run_store = fresh_store(world, tmp_path / "ref_store"), fresh_store(world, tmp_path / "run_store")
@@ -156,14 +169,13 @@ def test_kill9_resume_rolls_back_and_matches(world: dict[str, Path], tmp_path: P
     out = tmp_path / "run"
     proc = subprocess.Popen(cmd(run_store, out), env=env)
     deadline = time.time() + 240
-    journal = out / "checkpoints" / "undo.bin"
     while time.time() < deadline and proc.poll() is None:
-        # kill once a checkpoint ≥ 8 exists and the store is already ahead of it (undo records written)
-        if journal.exists() and any(p.name >= "step_00000008.pt" for p in (out / "checkpoints").glob("step_*.pt")):
-            step, records = UndoJournal.read(journal)
-            if step >= 8 and any(table == "prot" for table, _, _ in records):
-                break
-        time.sleep(0.01)
+        # kill once a checkpoint ≥ 8 exists and the run is two steps past its last checkpoint
+        done = [checkpoint_step(p) for p in (out / "checkpoints").glob("step_*.pt")]
+        steps = logged_steps(out)
+        if done and max(done) >= 8 and steps and max(steps) % 4 == 2:
+            break
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

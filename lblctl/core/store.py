@@ -35,11 +35,20 @@ frozen rows in row order, fsyncs the data file, and only then truncates the froz
 live cache over frozen cache over the file. At most one write-back is in flight (a second waits for
 it), so memory stays at most two caches.
 
+**Provisional commits** (train-dp's steps, ``commit(step, provisional=True)``) write no record at all:
+train-dp's unit of durability is its checkpoint, so a step's store traffic is a cache insert, whatever N.
+:meth:`checkpoint` makes them one commit point (the cached rows as ``_ROWS`` records, then a
+``_CHECKPOINT`` record, fsynced); their write-back waits for the caller's release (``flush(wait=False)``,
+once its own checkpoint is durable), so that ``open(..., recover_to=step)`` can still reopen the store
+at the caller's previous checkpoint. When an interval's rows outgrow the cache, they go to the data
+file early, each after an ``_UNDO`` record of what the file held (once per row and interval).
+
 ``open`` replays both logs' whole records in generation order (a record cut short by the kill is
 ignored: its commit did not happen; a commit replayed onto a file that already holds it writes the
-same bits), so every row is from the last completed commit; ``recovery`` says what was done. A
-reader opening a store whose writer died sees the same state without changing the file. With
-``durable=True`` every commit also fsyncs, which extends the guarantee to power loss.
+same bits): undo records after the last commit point put their rows back, then every commit up to
+it is replayed, so every row is from the last completed commit point; ``recovery`` says what was
+done. A reader opening a store whose writer died sees the same state without changing the file.
+With ``durable=True`` every commit also fsyncs, which extends the guarantee to power loss.
 """
 
 from __future__ import annotations
@@ -74,10 +83,14 @@ WAL2_NAME = "prototypes.wal2"  # the second log: commits go here while the first
 _LOG_NAMES = (WAL_NAME, WAL2_NAME)
 LOCK_NAME = ".store.lock"
 WAL_KIND = b"storewal"
-_COMMIT = 1  # record type: one commit
+_COMMIT = 1  # record type: one commit (a commit point of its own)
 _GENERATION = 2  # record type: first record of a log made active by a rotation (order of the two logs)
-_GEN = struct.Struct("<q")
-_COMMIT_HEAD = struct.Struct("<qqq")  # step, row count, has_momentum; then rows i8, vectors, momentum
+_ROWS = 3  # record type: rows of a checkpoint, each with its step; they count once its _CHECKPOINT follows
+_CHECKPOINT = 4  # record type: a commit point for the provisional commits so far (their _ROWS precede it)
+_UNDO = 5  # record type: rows as the last commit point left them, saved before provisional rows overwrote them
+_GEN = struct.Struct("<q")  # also a _CHECKPOINT's payload: its step
+_COMMIT_HEAD = struct.Struct("<qqq")  # step, row count, has_momentum; then rows i8, [steps i8,] vectors, momentum
+_RECORD_ROWS = 8192  # rows per record when a whole cache is logged (bounded temporary copies)
 DEFAULT_WRITE_CACHE_ROWS = 65536
 _NAME_CHUNK = 100_000
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -140,8 +153,8 @@ class _WriteBack:
         hit, _ = self.find(rows)
         return len(self.keys) + int((~hit).sum()) <= self.capacity
 
-    def put(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, step: int) -> None:
-        """Store sorted unique ``rows`` (the caller checked :meth:`fits`)."""
+    def put(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, step: int | np.ndarray) -> None:
+        """Store sorted unique ``rows`` (the caller checked :meth:`fits`); ``step``: one, or one per row."""
         pos = np.searchsorted(self.keys, rows)
         hit = np.zeros(len(rows), dtype=bool)
         inside = pos < len(self.keys)
@@ -163,6 +176,13 @@ class _WriteBack:
     def clear(self) -> None:
         self.keys = np.zeros(0, dtype=np.int64)
         self.slots = np.zeros(0, dtype=np.int64)
+
+    def chunks(self, size: int = _RECORD_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                               np.ndarray]]:
+        """``(rows, vectors, momentum, steps)`` in row order, ``size`` rows at a time (no full copy)."""
+        for a in range(0, len(self.keys), size):
+            keys, slots = self.keys[a:a + size], self.slots[a:a + size]
+            yield keys, self.vec[slots], self.mom[slots] if self.mom is not None else None, self.step[slots]
 
 
 class _Segment:
@@ -230,13 +250,19 @@ class PrototypeStore:
         self._generation = 0
         self._flusher: threading.Thread | None = None
         self._flush_error: BaseException | None = None
+        self._held = False  # the frozen cache is a checkpoint the caller has not released to the data file yet
+        self._frozen_log: RecordLog | None = None
+        self._frozen_step = -1
+        self._unlogged = False  # the live cache holds provisional commits: in no log record yet
+        self._spilled = np.zeros(0, dtype=np.int64)  # rows with provisional values in the file (undo logged)
         self._reader: ThreadPoolExecutor | None = None  # prefetch: posix_fadvise off the caller's thread
         self._reads_queued = 0
         self._reads_lock = threading.Lock()
         self._wal_limit = 0
         self.stats: dict[str, float] = {"commits": 0, "commit_s": 0.0, "wal_bytes": 0, "flushes": 0,
                                         "flush_s": 0.0, "flushed_rows": 0, "flush_wait_s": 0.0,
-                                        "background_flushes": 0}
+                                        "background_flushes": 0, "checkpoints": 0, "spills": 0,
+                                        "spilled_rows": 0}
 
     # ------------------------------------------------------------------ create / open
 
@@ -302,7 +328,7 @@ class PrototypeStore:
     def open(cls, folder: str | os.PathLike, mode: str = "r", expect_embedding_size: int | None = None,
              expect_backbone_fingerprint: str | None = None, cache: str = "auto", durable: bool = False,
              ram_limit_bytes: int | None = None, populate: bool | None = None,
-             write_cache_rows: int | None = None) -> PrototypeStore:
+             write_cache_rows: int | None = None, recover_to: int | None = None) -> PrototypeStore:
         """Open a store; refuse (``IncompatibleArtifact``) one of another embedding size or backbone.
 
         ``cache``: ``ram`` reads the rows into memory, ``mmap`` maps the file, ``auto`` uses RAM
@@ -314,6 +340,9 @@ class PrototypeStore:
         ``write_cache_rows`` (writers): committed rows kept in memory before they are written to the
         file in row order (default 65,536, fewer when memory is short); its memory is
         ``rows × D × itemsize × (2 with momentum)``, twice that while a write-back runs in the background.
+        ``recover_to``: recover the state of the last commit point at or before this step, dropping the later
+        ones still in the log (train-dp's resume: the store goes back to the run's own checkpoint, which a
+        kill may have left one store checkpoint behind); ``None``: the last commit point.
         """
         if mode not in ("r", "r+"):
             raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
@@ -323,7 +352,8 @@ class PrototypeStore:
         if folder.name == FILENAME:
             folder = folder.parent
         store = cls._open(folder, mode, cache=cache, durable=durable, need_manifest=True,
-                          ram_limit_bytes=ram_limit_bytes, populate=populate, write_cache_rows=write_cache_rows)
+                          ram_limit_bytes=ram_limit_bytes, populate=populate, write_cache_rows=write_cache_rows,
+                          recover_to=recover_to)
         try:
             check_compatible(str(folder), {"embedding_size": store.embedding_size,
                                            "backbone_fingerprint": store.backbone_fingerprint},
@@ -336,7 +366,7 @@ class PrototypeStore:
     @classmethod
     def _open(cls, folder: Path, mode: str, *, cache: str, durable: bool, need_manifest: bool,
               ram_limit_bytes: int | None = None, populate: bool | None = None,
-              write_cache_rows: int | None = None) -> PrototypeStore:
+              write_cache_rows: int | None = None, recover_to: int | None = None) -> PrototypeStore:
         path = folder / FILENAME
         if not path.is_file():
             raise LblError(f"{folder}: no {FILENAME}; make a store with `lblctl imprint`")
@@ -363,7 +393,7 @@ class PrototypeStore:
             self._read_layout()
             self._map()
             self._make_write_cache(write_cache_rows)
-            self._recover()
+            self._recover(recover_to)
             self._choose_cache(cache, ram_limit_bytes)
             self._populate(populate)
         except BaseException:
@@ -601,19 +631,30 @@ class PrototypeStore:
             raise IndexError(f"row out of range 0..{self._num_rows - 1}")
         return rows
 
-    def _base(self, rows: np.ndarray, which: str) -> np.ndarray:
-        """Committed values of ``rows`` as float32: the write-back cache over the RAM copy or the file."""
+    def _file_rows(self, rows: np.ndarray, which: str) -> np.ndarray:
+        """``rows`` as the data file (or its RAM copy) holds them, in the store's dtype; no cache over them."""
         ram = self._ram_vec if which == "vec" else self._ram_mom
         if ram is None and not self._populated and len(rows) >= 64:
             self._advise(rows, which)
         if ram is not None:
-            out = ram[rows].astype(np.float32)
-        elif len(self._segments) == 1:
-            out = getattr(self._segments[0], which)[rows].astype(np.float32)
-        else:
-            out = np.empty((len(rows), self._dim), dtype=np.float32)
-            for s, m, r in self._by_segment(rows):
-                out[m] = getattr(s, which)[r]
+            return ram[rows]
+        if len(self._segments) == 1:
+            return getattr(self._segments[0], which)[rows]
+        out = np.empty((len(rows), self._dim), dtype=self._dtype)
+        for s, m, r in self._by_segment(rows):
+            out[m] = getattr(s, which)[r]
+        return out
+
+    def _file_steps(self, rows: np.ndarray) -> np.ndarray:
+        """Commit step of each row as the data file holds it (no cache over it)."""
+        out = np.empty(len(rows), dtype=np.int64)
+        for s, m, r in self._by_segment(rows):
+            out[m] = s.step[r]
+        return out
+
+    def _base(self, rows: np.ndarray, which: str) -> np.ndarray:
+        """Committed values of ``rows`` as float32: the write-back cache over the RAM copy or the file."""
+        out = self._file_rows(rows, which).astype(np.float32, copy=False)  # a fresh array: ours to patch
         for wb in (self._frozen, self._wb):  # live over frozen: the newest commit of a row wins
             if wb is not None and len(wb):
                 hit, slots = wb.find(rows)
@@ -676,12 +717,7 @@ class PrototypeStore:
     def row_steps(self, rows: np.ndarray) -> np.ndarray:
         """Commit step that last wrote each row (−1: as created)."""
         rows = self._check_rows(rows)
-        out = np.empty(len(rows), dtype=np.int64)
-        seg = np.searchsorted(self._starts, rows, side="right") - 1
-        for k in np.unique(seg):
-            m = seg == k
-            s = self._segments[int(k)]
-            out[m] = s.step[rows[m] - s.start]
+        out = self._file_steps(rows)
         for wb in (self._frozen, self._wb):
             if wb is not None and len(wb):
                 hit, slots = wb.find(rows)
@@ -776,9 +812,15 @@ class PrototypeStore:
         self._p_vec = np.zeros((0, self._dim), dtype=np.float32)
         self._p_mom = None
 
-    def commit(self, step: int) -> None:
+    def commit(self, step: int, provisional: bool = False) -> None:
         """Make the staged rows the committed state of ``step``: one record appended to the
-        write-ahead log (the commit point), the rows kept in the write-back cache."""
+        write-ahead log (the commit point), the rows kept in the write-back cache.
+
+        ``provisional=True`` (train-dp's steps): no record; the commit reaches the log only with the next
+        :meth:`checkpoint`, and a kill before that returns the store to the last commit point. The rows
+        stay in the cache; when it is full they go to the data file, after an undo record of what the file
+        held (once per row and checkpoint), so a step's store traffic is a cache insert, whatever N is.
+        """
         self._check_writable()
         step = int(step)
         if step < 0:
@@ -789,10 +831,76 @@ class PrototypeStore:
         mom = None
         if self._has_mom:
             mom = self._p_mom.astype(self._dtype) if len(rows) else np.zeros((0, self._dim), self._dtype)
-        self._commit_rows(step, rows, vec, mom)
+        if provisional or self._provisional:
+            self._commit_provisional(step, rows, vec, mom)
+            if not provisional:  # a commit point: the provisional commits before it go into the log with it
+                self.checkpoint()
+        else:
+            self._commit_rows(step, rows, vec, mom)
         self.discard()
         self.stats["commits"] += 1
         self.stats["commit_s"] += time.perf_counter() - t0
+
+    @property
+    def _provisional(self) -> bool:
+        """Whether commits since the last commit point are in no log record (in the cache, or spilled)."""
+        return self._unlogged or len(self._spilled) > 0
+
+    def _commit_provisional(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
+        self._reap_flush()
+        wb = self._wb
+        assert wb is not None
+        steps = np.full(len(rows), step, dtype=np.int64)
+        if not wb.fits(rows):
+            for chunk in wb.chunks():
+                self._spill(*chunk)
+            wb.clear()
+        if len(rows) > wb.capacity:
+            self._spill(rows, vec, mom, steps)
+        else:
+            wb.put(rows, vec, mom, steps)
+        self._unlogged = True
+        self._committed = step
+
+    def _spill(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, steps: np.ndarray) -> None:
+        """Write provisional rows (sorted, unique) into the data file before their checkpoint: the cache is
+        full. First, for rows not spilled since the last commit point, what the file holds (their state at
+        that commit point) goes to the log as an undo record; recovery puts it back unless a later commit
+        point covers the rows."""
+        self._wait_flush()  # the file holds every commit point's rows (an unreleased checkpoint goes first)
+        new = rows[~np.isin(rows, self._spilled, assume_unique=True)]
+        if len(new):
+            old_mom = self._file_rows(new, "mom") if self._has_mom else None
+            self._append(_UNDO, self._committed, new, self._file_rows(new, "vec"), old_mom, self._file_steps(new))
+            self._spilled = np.union1d(self._spilled, new)
+        self._write_rows(rows, vec, mom, steps)
+        self.stats["spills"] += 1
+        self.stats["spilled_rows"] += len(rows)
+
+    def checkpoint(self) -> None:
+        """A commit point for every commit so far, provisional ones included: the cached rows changed since
+        the last one go to the log (sequential records, then fsync); nothing reaches the data file yet.
+
+        The cache is handed to a write-back that starts at the next :meth:`flush` (``wait=False``: in the
+        background) or at any later write that needs it: the caller first makes its own checkpoint durable,
+        so that a run killed in between reopens the store at its previous checkpoint
+        (``open(..., recover_to=…)``). While the last checkpoint's write-back is still under way it is not
+        waited for: the rows stay in the cache, logged, and go with the next checkpoint's write-back."""
+        self._check_writable()
+        wal = self._wal
+        assert wal is not None and self._wb is not None
+        if not self._provisional:
+            wal.sync()  # every commit is in the log already: make them durable
+            return
+        for rows, vec, mom, steps in self._wb.chunks():
+            self._append(_ROWS, self._committed, rows, vec, mom, steps)
+        wal.append(_CHECKPOINT, _GEN.pack(self._committed))
+        wal.sync()
+        self._unlogged, self._spilled = False, np.zeros(0, dtype=np.int64)
+        self.stats["checkpoints"] += 1
+        self._reap_flush()
+        if self._flusher is None:  # the other log is free: freeze the cache with this one
+            self._start_flush(hold=True)
 
     def _commit_rows(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
         """Log and cache one commit of sorted unique rows; a full cache goes to the background write-back first."""
@@ -802,7 +910,7 @@ class PrototypeStore:
         record = _COMMIT_HEAD.size + len(rows) * (8 + vec.shape[1] * self._dtype.itemsize * (1 + (mom is not None)))
         if len(rows) > wb.capacity:  # bigger than the whole cache: log it, then write it through
             self._flush_cache()
-            self._append_commit(step, rows, vec, mom)
+            self._append(_COMMIT, step, rows, vec, mom)
             self._write_rows(rows, vec, mom, np.full(len(rows), step, dtype=np.int64))
             self._committed = step
             self._flush_cache(force=True)
@@ -810,32 +918,43 @@ class PrototypeStore:
         if not wb.fits(rows) or wal.size + record > self._wal_limit:
             self._start_flush()
             wb = self._wb
-        self._append_commit(step, rows, vec, mom)
+        self._append(_COMMIT, step, rows, vec, mom)
         wb.put(rows, vec, mom, step)
         self._committed = step
 
-    def _append_commit(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
+    def _append(self, rtype: int, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None,
+                steps: np.ndarray | None = None) -> None:
+        """One record of rows: a commit (``steps`` None: every row is ``step``'s), or _ROWS / _UNDO (a step per row)."""
         assert self._wal is not None
-        parts = [_COMMIT_HEAD.pack(step, len(rows), int(mom is not None)),
-                 np.ascontiguousarray(rows, dtype="<i8"), np.ascontiguousarray(vec)]
+        parts = [_COMMIT_HEAD.pack(step, len(rows), int(mom is not None)), np.ascontiguousarray(rows, dtype="<i8")]
+        if steps is not None:
+            parts.append(np.ascontiguousarray(steps, dtype="<i8"))
+        parts.append(np.ascontiguousarray(vec))
         if mom is not None:
             parts.append(np.ascontiguousarray(mom))
         before = self._wal.size
-        self._wal.append(_COMMIT, *parts)
+        self._wal.append(rtype, *parts)
         self.stats["wal_bytes"] += self._wal.size - before
 
-    def _parse_commit(self, payload: memoryview) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """A commit record's ``(step, rows, vectors, momentum)``; ``None`` when it does not fit this store."""
+    def _parse_rows(self, payload: memoryview, per_row_steps: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray,
+                                                                             np.ndarray | None] | None:
+        """A record's ``(step, rows, steps, vectors, momentum)`` (see :meth:`_append`); ``None`` when it does not
+        fit this store."""
         if len(payload) < _COMMIT_HEAD.size:
             return None
         step, count, has_mom = _COMMIT_HEAD.unpack_from(payload, 0)
         row_bytes = self._dim * self._dtype.itemsize
-        if count < 0 or bool(has_mom) != self._has_mom or \
-                len(payload) != _COMMIT_HEAD.size + count * (8 + row_bytes * (1 + bool(has_mom))):
+        if count < 0 or bool(has_mom) != self._has_mom or len(payload) != \
+                _COMMIT_HEAD.size + count * (8 * (1 + per_row_steps) + row_bytes * (1 + bool(has_mom))):
             return None
         o = _COMMIT_HEAD.size
         rows = np.frombuffer(payload, dtype="<i8", count=count, offset=o)
         o += 8 * count
+        if per_row_steps:
+            steps = np.frombuffer(payload, dtype="<i8", count=count, offset=o)
+            o += 8 * count
+        else:
+            steps = np.full(count, step, dtype=np.int64)
         vec = np.frombuffer(payload, dtype=self._dtype, count=count * self._dim, offset=o).reshape(count, self._dim)
         o += row_bytes * count
         mom = None
@@ -844,7 +963,7 @@ class PrototypeStore:
                                                                                                     self._dim)
         if count and (rows.min() < 0 or rows.max() >= self._num_rows):
             return None
-        return int(step), rows, vec, mom
+        return int(step), rows, steps, vec, mom
 
     def _write_rows(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, steps: np.ndarray) -> None:
         """Write sorted rows into the data file (through the mapping; numpy releases the GIL while it
@@ -867,11 +986,10 @@ class PrototypeStore:
         if self._ram_mom is not None and mom is not None:
             self._ram_mom[rows] = mom
 
-    def _write_cache(self, wb: _WriteBack, chunk: int = 8192) -> None:
+    def _write_cache(self, wb: _WriteBack) -> None:
         """All rows of ``wb`` into the file, in row order, a chunk at a time (no full copy of the cache)."""
-        for a in range(0, len(wb), chunk):
-            keys, slots = wb.keys[a:a + chunk], wb.slots[a:a + chunk]
-            self._write_rows(keys, wb.vec[slots], wb.mom[slots] if wb.mom is not None else None, wb.step[slots])
+        for rows, vec, mom, steps in wb.chunks():
+            self._write_rows(rows, vec, mom, steps)
 
     def _write_committed_step(self, step: int) -> None:
         assert self._commit_mm is not None
@@ -882,6 +1000,8 @@ class PrototypeStore:
         waits for a background write-back first)."""
         if self._wb is None or self._wal is None:
             return
+        if self._provisional:  # an explicit flush makes them a commit point first
+            self.checkpoint()
         self._wait_flush()
         if self._frozen is not None:  # a failed background write-back: its rows go in first
             self._write_cache(self._frozen)
@@ -906,9 +1026,10 @@ class PrototypeStore:
         """The active log: where the next commit goes."""
         return self._logs[self._active]
 
-    def _start_flush(self) -> None:
+    def _start_flush(self, hold: bool = False) -> None:
         """Freeze the cache with its log and write it back in a flusher thread; commits go on into a
-        fresh cache and the other log (begun by a generation record, so that a replay orders the two)."""
+        fresh cache and the other log (begun by a generation record, so that a replay orders the two).
+        ``hold``: the write-back waits for :meth:`_launch` (a checkpoint not yet released)."""
         self._wait_flush()
         wb, wal = self._wb, self._wal
         assert wb is not None and wal is not None
@@ -928,8 +1049,18 @@ class PrototypeStore:
                                                                        self._has_mom)
         fresh.clear()
         self._spare, self._wb, self._frozen = None, fresh, wb
+        self._frozen_log, self._frozen_step = wal, self._committed
+        self._held = hold
+        if not hold:
+            self._launch()
+
+    def _launch(self) -> None:
+        """Start the flusher thread on the frozen cache."""
+        assert self._frozen is not None and self._frozen_log is not None
+        self._held = False
         self._flush_error = None
-        self._flusher = threading.Thread(target=self._write_back, args=(wb, wal, self._committed),
+        self._flusher = threading.Thread(target=self._write_back, args=(self._frozen, self._frozen_log,
+                                                                        self._frozen_step),
                                          name="lblctl-store-flush", daemon=True)
         self._flusher.start()
         self.stats["background_flushes"] += 1
@@ -950,7 +1081,9 @@ class PrototypeStore:
             self._flush_error = exc
 
     def _wait_flush(self) -> None:
-        """Wait for the background write-back (if any); re-raise its error here."""
+        """Wait for the background write-back (if any; a held one is started first); re-raise its error here."""
+        if self._held:
+            self._launch()
         t = self._flusher
         if t is None:
             return
@@ -997,12 +1130,15 @@ class PrototypeStore:
         """Committed rows waiting in memory for the next flush."""
         return len(self._wb) if self._wb is not None else 0
 
-    def _recover(self) -> None:
-        """Replay the logs' whole commits, older log first; a record cut short (its commit never happened)
-        is dropped. A writer writes them into the file and empties the logs; a reader keeps them in memory."""
+    def _recover(self, target: int | None = None) -> None:
+        """Bring the store to its last commit point (at or before step ``target`` when given) from the logs,
+        older log first: undo records after that point put back rows that provisional commits wrote to the
+        file, then every commit up to it is replayed; later records, and a record cut short by a kill (its
+        commit never happened), are dropped. A writer writes the result into the file and empties the logs;
+        a reader keeps it in memory."""
         notes = []
         before = self._committed
-        found = []  # (generation, which log, commits, torn bytes)
+        found = []  # (generation, which log, records, torn bytes)
         for i, name in enumerate(_LOG_NAMES):
             path = self.folder / name
             if self.mode == "r+":
@@ -1018,30 +1154,48 @@ class PrototypeStore:
             if records and records[0][0] == _GENERATION and len(records[0][1]) == _GEN.size:
                 (gen,) = _GEN.unpack(records[0][1])
                 records = records[1:]
-            commits = []
+            parsed = []
             for rtype, payload in records:
-                c = self._parse_commit(payload) if rtype == _COMMIT else None
-                if c is None:
+                rec = self._parse_record(rtype, payload)
+                if rec is None:
                     notes.append("discarded a damaged write-ahead log record")
                     break
-                commits.append(c)
-            found.append((gen, i, commits, torn))
+                parsed.append(rec)
+            found.append((gen, i, parsed, torn))
         found.sort(key=lambda x: (x[0], x[1]))
-        commits = [c for _, _, cs, _ in found for c in cs]
         torn = sum(t for *_, t in found)
         self._generation = max([0] + [g for g, *_ in found])
-        if torn:
-            notes.append(f"discarded an unfinished commit after step {commits[-1][0] if commits else before}")
-        replay = None
-        if commits:
-            replay = _WriteBack(sum(len(c[1]) for c in commits), self._dim, self._dtype, self._has_mom)
-            for step, rows, vec, mom in commits:
-                replay.put(rows, vec, mom, step)
+        redo, pending, undo, dropped = [], [], [], 0
+        for rtype, step, piece in (rec for _, _, recs, _ in found for rec in recs):
+            if rtype == _UNDO:
+                undo.append(piece)
+            elif rtype == _ROWS:
+                pending.append(piece)
+            elif dropped or (target is not None and step > target):  # a commit point past the target
+                dropped += 1
+                pending = []
+            else:  # a commit point: everything before it counts; the undo records before it are void
+                redo += pending + ([piece] if piece is not None else [])
+                pending, undo = [], []
                 self._committed = step
+        if torn:
+            notes.append(f"discarded an unfinished commit after step {self._committed if redo else before}")
+        if dropped:
+            notes.append(f"dropped {dropped} commit point(s) after step {target}")
+        pieces = undo[::-1] + redo  # undo first, the earliest record of a row last; then the commits in order
+        replay = None
+        if pieces:
+            replay = _WriteBack(sum(len(p[0]) for p in pieces), self._dim, self._dtype, self._has_mom)
+            for rows, steps, vec, mom in pieces:
+                replay.put(rows, vec, mom, steps)
+        if undo:
+            notes.append(f"rolled back {len(np.unique(np.concatenate([p[0] for p in undo])))} row(s) written "
+                         f"after step {self._committed}")
         if self.mode == "r+":
+            if redo:
+                notes.append(f"completed the commit of step {self._committed} from the write-ahead log")
             if replay is not None:
                 self._write_cache(replay)
-                notes.append(f"completed the commit of step {self._committed} from the write-ahead log")
             if replay is not None or torn or any(log is not None and not log.empty for log in self._logs):
                 self._write_committed_step(self._committed)
                 if self.durable and self._data_fd is not None:
@@ -1053,8 +1207,18 @@ class PrototypeStore:
             self._active = 0
         elif replay is not None:  # a reader sees the committed state without touching the file
             self._wb = replay
-            notes.append(f"read the commit of step {self._committed} from the write-ahead log")
+            if redo:
+                notes.append(f"read the commit of step {self._committed} from the write-ahead log")
         self.recovery = "; ".join(notes) if notes else "clean"
+
+    def _parse_record(self, rtype: int, payload: memoryview) -> tuple[int, int, tuple | None] | None:
+        """``(type, step, (rows, steps, vectors, momentum) or None)`` of a log record; None if damaged."""
+        if rtype == _CHECKPOINT:
+            return (rtype, _GEN.unpack(payload)[0], None) if len(payload) == _GEN.size else None
+        if rtype not in (_COMMIT, _ROWS, _UNDO):
+            return None
+        rec = self._parse_rows(payload, per_row_steps=rtype != _COMMIT)
+        return None if rec is None else (rtype, rec[0], rec[1:])
 
     def fill(self, start: int, vectors: np.ndarray) -> None:
         """Write rows ``start…`` directly (renormalised): for populating a new store, not for training."""
@@ -1178,10 +1342,17 @@ class PrototypeStore:
         is durable (the checkpoint's commit point), then hand the write-back to the flusher thread and
         return; the caller's next steps run while it writes. A write-back still under way from the last
         checkpoint is not waited for (the cache goes on filling; the next checkpoint or a full cache writes
-        it back). Any later write waits for a write-back only if the new cache fills first."""
+        it back). Any later write waits for a write-back only if the new cache fills first.
+        After :meth:`checkpoint` (or with provisional commits, which it checkpoints first), ``wait=False``
+        starts that checkpoint's write-back: the caller's release once its own checkpoint is durable."""
         if not wait and self.mode == "r+" and self._wb is not None:
             self._check_open()
             assert self._wal is not None
+            if self._provisional:
+                self.checkpoint()
+            if self._held:  # the caller's checkpoint is durable: release the store's to the data file
+                self._launch()
+                return
             self._wal.sync()  # the checkpoint's commit point: every commit so far is durable in the log
             self._reap_flush()
             if self._flusher is None:  # one write-back at a time: a checkpoint never waits for the last one
@@ -1244,7 +1415,11 @@ class PrototypeStore:
         self._closed = True
         try:
             self._stop_reader()  # its madvise calls end before the mapping goes
-            if self.mode == "r+" and self._segments and self._segments[0].vec is not None:
+            if self._held or self._provisional:
+                # an unreleased checkpoint or provisional commits (a run that stopped between checkpoints):
+                # left as a kill would leave them, for the next open to recover (to the run's checkpoint)
+                self._reap_flush()
+            elif self.mode == "r+" and self._segments and self._segments[0].vec is not None:
                 self.flush()
             self._unmap()
             self._ram_vec = self._ram_mom = None

@@ -1,5 +1,8 @@
 """The undo journal: old values of every row first changed since the last checkpoint, so that a run
-killed at any moment can put the store and the queues back exactly as that checkpoint saw them.
+killed at any moment can put its tables back exactly as that checkpoint saw them. train-dp keeps the
+dominant queues' here (``queu``); the store's rows roll back through the store's own log (provisional
+commits, :meth:`lblctl.core.store.PrototypeStore.checkpoint`); ``prot``/``mome`` records of runs made
+before that are still read and rolled back on resume.
 
 A :class:`~lblctl.core.journal.RecordLog` (kind ``undo``): a ``checkpoint`` record (the step) and
 then one ``undo`` record per batch of rows, each appended *before* the rows it saves are

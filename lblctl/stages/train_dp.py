@@ -11,10 +11,13 @@ in order. While step t computes, it writes back step t−1 and gathers (and deco
 step t+1; rows of step t+1 that step t also trains are then patched with step t's fresh values, so
 no update is lost.
 
-Resume: every store commit is preceded by an undo record of the rows' values at the last
-checkpoint (:class:`lblctl.train.dp.UndoJournal`); queue promotions reach their file only at
-checkpoints. A run killed at any moment is rolled back to its checkpoint and continues with the
-same selections, photos and RNG streams.
+Resume: a step's store commit is provisional (in the store's write-back cache; no disk traffic per
+step); at a checkpoint the store writes one commit point for all of them (:meth:`PrototypeStore.checkpoint`),
+the run saves its own checkpoint, and only then do the rows go to the store's data file. A killed run
+reopens the store at its own checkpoint (``recover_to``). Queue promotions reach their file only at
+checkpoints, with an undo record of each changed queue (:class:`lblctl.train.dp.UndoJournal`). A run
+killed at any moment is rolled back to its checkpoint and continues with the same selections, photos
+and RNG streams.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from torch import nn
 
 from lblctl.core import dist as dist_env
 from lblctl.core import ui
-from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
+from lblctl.core.artifacts import MANIFEST, describe_input, read_manifest, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
+from lblctl.core.runtime import available_memory
 from lblctl.core.shards import ShardLayout, check_world, read_layout, shard_dir
-from lblctl.core.store import PrototypeStore
+from lblctl.core.store import DEFAULT_WRITE_CACHE_ROWS, PrototypeStore
 from lblctl.core.summary import Summary
 from lblctl.data.faces import open_face_set
 from lblctl.models.checkpoint import FILENAME, load_backbone, save_backbone
@@ -44,7 +48,15 @@ from lblctl.train.dp import DominantSampler, UndoJournal, hardest_wrong
 from lblctl.train.dp_data import FeatureSource, ImageSource
 from lblctl.train.dp_dist import ShardedDPHead, Shards, shard_names
 from lblctl.train.dp_head import DPHead
-from lblctl.train.engine import CHECKPOINT_DIR, LOG_FILE, StepResult, TrainConfig, Trainer, latest_checkpoint
+from lblctl.train.engine import (
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    StepResult,
+    TrainConfig,
+    Trainer,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from lblctl.train.streamer import StepData, StoreStreamer
 
 HEADS = ("dp", "random", "full")
@@ -90,7 +102,10 @@ class TrainDPConfig:
     resume: bool = False
     flip_augment: bool = True
     overlap: bool = True  # False: gather after the previous write-back (the serial reference)
-    store_cache_rows: int | None = None  # the store's write-back cache (rows); None: its default (65,536)
+    # The store's write-back cache (rows). None: the rows a checkpoint interval can touch (K × --checkpoint-every,
+    # at least the store's default 65,536, at most the store's rows and 1/8 of the free memory), so that the
+    # provisional rows of an interval stay in memory and never go to the data file before their checkpoint.
+    store_cache_rows: int | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1, lr=0.01, weight_decay=5e-4))
 
     def validate(self) -> None:
@@ -186,12 +201,14 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
         store_dir = shard_dir(cfg.store, 0, 1)  # sharded for one process: its one shard is a plain store
     else:
         store_dir = _prepare_store(cfg)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
     try:
         store = PrototypeStore.open(
             store_dir, "r+",
             expect_embedding_size=backbone.embedding_size if backbone else None,
             expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
-            write_cache_rows=cfg.store_cache_rows,
+            write_cache_rows=_store_cache_rows(cfg, store_dir),
+            recover_to=checkpoint_step(ckpt) if ckpt is not None else None,  # a kill may have left it one ahead
         )
     except IncompatibleArtifact as exc:
         raise IncompatibleArtifact(_trained_store_advice(store_dir, str(exc))) from None
@@ -207,6 +224,18 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
         if queues is not None:
             queues.close()
         store.close()
+
+
+def _store_cache_rows(cfg: TrainDPConfig, store_dir: Path) -> int | None:
+    """The store's write-back cache: ``--store-cache-rows``, or the rows one checkpoint interval can touch."""
+    if cfg.store_cache_rows is not None or not (store_dir / MANIFEST).is_file():  # no manifest: open() says why
+        return cfg.store_cache_rows
+    m = read_manifest(store_dir, kind="store", verify_files=False)  # the store's size, without opening it
+    n = int(m.get("num_rows", 0))
+    row_bytes = int(m["embedding_size"]) * (2 if m.get("dtype") == "float16" else 4) * (1 + bool(m.get("has_momentum")))
+    interval = cfg.train.checkpoint_every or max(1, cfg.train.steps)
+    want = min(n, max(DEFAULT_WRITE_CACHE_ROWS, cfg.classes * interval))
+    return max(1024, min(want, available_memory() // 8 // row_bytes))
 
 
 def _check_sharding(cfg: TrainDPConfig, env: dist_env.DistEnv) -> ShardLayout | None:
@@ -288,7 +317,7 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         seeds = sampler.seeds(step)
         return shards.layout.local(seeds[shards.layout.owner(seeds) == env.rank])
 
-    streamer = StoreStreamer(store, journal, select, photos, overlap=cfg.overlap, pin=device.type == "cuda",
+    streamer = StoreStreamer(store, select, photos, overlap=cfg.overlap, pin=device.type == "cuda",
                              ahead=ahead if shards is not None else None)
     touched = np.zeros(store.num_rows, dtype=bool)
     stats = {"queue_changes": 0}
@@ -379,11 +408,15 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
 
     def before_checkpoint() -> None:
         streamer.drain()
-        store.flush(wait=False)  # commits durable in the store's log; the cache is written back meanwhile
+        store.checkpoint()  # the steps' provisional commits: one commit point in the store's log, durable
         if queues is not None:
             queues.flush()
 
-    trainer.before_checkpoint, trainer.after_checkpoint = before_checkpoint, journal.reset
+    def after_checkpoint(step: int) -> None:
+        journal.reset(step)
+        store.flush(wait=False)  # our checkpoint is durable: the store's rows go to its file in the background
+
+    trainer.before_checkpoint, trainer.after_checkpoint = before_checkpoint, after_checkpoint
     if trainer.step == 0:
         next_rows = select(0)
         trainer.extra_state["next_rows"] = torch.from_numpy(global_rows(0, next_rows))
@@ -408,7 +441,9 @@ def _run(cfg: TrainDPConfig, device: torch.device, out: Path, store_dir: Path, s
         "trainable_identities": int(len(source.trainable)),
         **result, "store_rows_touched": int(touched.sum()), "queue_changes": stats["queue_changes"],
         "wait_for_data_s": streamer.wait_s, "store_write_cache_rows": store.write_cache_rows,
-        "store_flushes": int(store.stats["flushes"]), "problems": source.problems.summary(), "device": str(device),
+        "store_flushes": int(store.stats["flushes"]),
+        "store_spilled_rows": int(store.stats["spilled_rows"]),  # written before their checkpoint (cache full)
+        "problems": source.problems.summary(), "device": str(device),
     }
     if shards is not None:  # the job's totals; the store and the summary rows are per shard
         summary.update(store_rows_touched=int(shards.total(summary["store_rows_touched"])),

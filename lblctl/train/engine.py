@@ -452,6 +452,11 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint ``path`` (``step_00000100.pt`` → 100), read from its name."""
+    return int(path.name.split(".")[0].removeprefix("step_"))
+
+
 def rank_file(path: Path, env: DistEnv) -> Path:
     """Where ``env``'s rank keeps its part of checkpoint ``path`` (rank 0: ``path`` itself)."""
     return path if env.rank == 0 else path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")

@@ -1,11 +1,11 @@
 """The store streamer: all of train-dp's store traffic, in one background thread, in order.
 
-While step t computes, the thread writes back step t−1 (undo records first, then the rows and
-their momentum, then the commit) and prepares step t+1 (gather its rows and momentum, choose and
-decode its photos). Step t+1 was gathered before step t's rows were written back, so when it is
-handed out the rows it shares with step t are patched with step t's fresh values: no update is
-lost, and the result is bit-identical to the serial order (``overlap=False``: gather step t+1
-only once step t is committed), which is kept as the reference.
+While step t computes, the thread writes back step t−1 (the rows and their momentum, as a provisional
+commit: the store keeps them in memory until train-dp's next checkpoint) and prepares step t+1
+(gather its rows and momentum, choose and decode its photos). Step t+1 was gathered before step t's
+rows were written back, so when it is handed out the rows it shares with step t are patched with
+step t's fresh values: no update is lost, and the result is bit-identical to the serial order
+(``overlap=False``: gather step t+1 only once step t is committed), which is kept as the reference.
 
 An error in the thread (a full disk, an unreadable store) is re-raised in the main thread at the
 next :meth:`StoreStreamer.next`, :meth:`write_back` or :meth:`drain`.
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from lblctl.core.store import PrototypeStore
-from lblctl.train.dp import UndoJournal
 
 Photos = Callable[[int, np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # (step, class rows) → (inputs, labels)
 
@@ -77,10 +76,10 @@ class StoreStreamer:
     background thread must not call it).
     """
 
-    def __init__(self, store: PrototypeStore, journal: UndoJournal, select: Callable[[int], np.ndarray],
-                 photos: Photos, *, overlap: bool = True, pin: bool = False, lookahead: int = 2,
+    def __init__(self, store: PrototypeStore, select: Callable[[int], np.ndarray], photos: Photos, *,
+                 overlap: bool = True, pin: bool = False, lookahead: int = 2,
                  ahead: Callable[[int], np.ndarray] | None = None) -> None:
-        self.store, self.journal, self.select, self.photos = store, journal, select, photos
+        self.store, self.select, self.photos = store, select, photos
         self.ahead = ahead  # the read-ahead's rows (None: select's); not select where that joins collectives
         self.lookahead = lookahead
         self.overlap, self.pin = overlap, pin  # pin: page-lock the photos, so the copy to the GPU is async
@@ -105,14 +104,8 @@ class StoreStreamer:
         return StepData(step, rows, vec, mom, x, y)
 
     def _write(self, step: int, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None) -> None:
-        new = self.journal.first_touch("prot", rows)
-        if len(new):  # the rows' values at the checkpoint, saved before their first overwrite, in the store's
-            kept = np.float16 if self.store.dtype == "float16" else np.float32  # dtype (exact; half the bytes)
-            self.journal.record("prot", new, self.store.gather(new).astype(kept))
-            if self.store.has_momentum:
-                self.journal.record("mome", new, self.store.gather_momentum(new).astype(kept))
         self.store.scatter(rows, vec, momentum=mom, normalised=True)  # the bits the next step was patched with
-        self.store.commit(step)
+        self.store.commit(step, provisional=True)  # made durable by train-dp's checkpoint (store.checkpoint)
 
     def _prefetch(self, step: int) -> None:
         if self.lookahead > 0 and self.overlap:
