@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,10 +34,52 @@ def test_record_log_appends_and_drops_a_torn_or_damaged_tail(tmp_path: Path) -> 
     damaged[offsets[1] + 16] ^= 0xFF  # one flipped payload byte: that record and all after are dropped
     records, end = scan(bytes(damaged), b"test")
     assert [bytes(p) for _, p, _ in records] == [b"alpha"] and end == offsets[1]
-    inode = path.stat().st_ino
+    inode, size = path.stat().st_ino, path.stat().st_size
     with RecordLog(path, b"test") as log:
         log.reset()
-        assert log.empty and path.stat().st_size == journal.HEADER_SIZE and path.stat().st_ino == inode
+        assert log.empty and path.stat().st_ino == inode
+        assert path.stat().st_size == size  # emptied by a new epoch: the file keeps its pages to overwrite
+    assert read_log(path, b"test") == []
+
+
+def test_a_reset_log_is_rewritten_in_place_and_its_old_records_never_come_back(tmp_path: Path) -> None:
+    """Issue 18: a reset keeps the file (rewriting a truncated file's pages cost ~18× more here); the older
+    epoch's records that follow the new ones are rejected, even where they start at a record boundary."""
+    path = tmp_path / "x.log"
+    with RecordLog(path, b"test") as log:
+        for i in range(4):
+            log.append(1, bytes([i]) * 100)  # equal sizes: every old record starts where a new one ends
+        log.reset()
+        log.append(1, b"\x07" * 100)
+        size = path.stat().st_size
+    assert [bytes(p) for _, p in read_log(path, b"test")] == [b"\x07" * 100]
+    with RecordLog(path, b"test") as log:  # reopened: appends go after the new record, over the old ones
+        assert [bytes(p) for _, p in log.records] == [b"\x07" * 100] and log.torn_bytes == 0
+        log.append(1, b"\x08" * 100)
+    assert [bytes(p) for _, p in read_log(path, b"test")] == [b"\x07" * 100, b"\x08" * 100]
+    assert path.stat().st_size == size
+
+
+def test_a_log_of_the_first_format_is_read_and_appended_to_until_its_reset(tmp_path: Path) -> None:
+    """A log left by a killed run of the first format (no epoch) is still replayed after an upgrade."""
+    path = tmp_path / "old.log"
+
+    def v1_record(rtype: int, payload: bytes) -> bytes:
+        crc = zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", rtype, len(payload))))
+        return struct.pack("<IQI", rtype, len(payload), crc) + payload
+
+    path.write_bytes(b"LBLLOG01" + b"test".ljust(8, b"\0") + v1_record(1, b"alpha") + v1_record(2, b"beta")[:-1])
+    assert [(t, bytes(p)) for t, p in read_log(path, b"test")] == [(1, b"alpha")]
+    with RecordLog(path, b"test") as log:
+        assert [bytes(p) for _, p in log.records] == [b"alpha"] and log.torn_bytes > 0
+        log.append(2, b"beta")
+    assert [(t, bytes(p)) for t, p in read_log(path, b"test")] == [(1, b"alpha"), (2, b"beta")]
+    assert path.read_bytes()[:8] == b"LBLLOG01"
+    with RecordLog(path, b"test") as log:
+        log.reset()
+        log.append(3, b"gamma")
+    assert [(t, bytes(p)) for t, p in read_log(path, b"test")] == [(3, b"gamma")]
+    assert path.read_bytes()[:8] == b"LBLLOG02"
 
 
 def test_atomic_write_never_touches_the_process_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
