@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lblctl.core.store import PrototypeStore
+from lblctl.core.store import PrototypeStore, cast
 
 Photos = Callable[[int, np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # (step, class rows) → (inputs, labels)
 
@@ -44,7 +44,7 @@ def as_stored(v: np.ndarray, dtype: str, normalise: bool) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32)
     if normalise:
         v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return v.astype(np.float16 if dtype == "float16" else np.float32).astype(np.float32)
+    return cast(cast(v, np.float16 if dtype == "float16" else np.float32), np.float32)
 
 
 def _one_torch_thread() -> None:
