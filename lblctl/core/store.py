@@ -58,6 +58,7 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -117,15 +118,14 @@ def _normalise(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
 
 
 def cast(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """``a.astype(dtype)``, bit for bit (round to nearest even). float32 ↔ float16 goes through torch, whose
-    conversion is ~8× faster than numpy's here (1,024 × 512: 0.17 ms against 1.4 ms), a cost a float16 store
-    pays several times a train-dp step; ``a`` itself when it already has ``dtype``."""
+    """``a.astype(dtype)``, bit for bit (round to nearest even). float32 ↔ float16 goes through torch when the
+    process has loaded it (train-dp has): its conversion is ~8× faster than numpy's here (1,024 × 512: 0.17 ms
+    against 1.4 ms), a cost a float16 store pays several times a step. ``a`` itself when it has ``dtype``."""
     dtype = np.dtype(dtype)
     if a.dtype == dtype:
         return a
-    if a.size >= 4096 and {a.dtype.str, dtype.str} == {"<f4", "<f2"} and a.flags.writeable:
-        import torch  # loaded already wherever rows are trained
-
+    torch = sys.modules.get("torch")  # never imported here: a process without it keeps numpy's cast
+    if torch is not None and a.size >= 4096 and {a.dtype.str, dtype.str} == {"<f4", "<f2"} and a.flags.writeable:
         return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16 if dtype.str == "<f2"
                                                             else torch.float32).numpy()
     return a.astype(dtype)
