@@ -460,13 +460,16 @@ def render_scale(r: dict) -> str:
                       f"{x['s_per_step_max']:.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
                       f"{x.get('flush_wait_s_total', 0):.2f} |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
-           "checkpoint = main thread's time in store.flush per checkpoint; write-back = the flusher thread's total)",
+           "commit = staging and the provisional commit (a cache insert; a spill's undo record and writes count "
+           "here too); journal = the queues' undo records and store log records outside a commit; "
+           "checkpoint = main thread's time in store.checkpoint and store.flush per checkpoint; "
+           "flusher = the background write-back's total)",
            "",
            "| N | cache | step median | step mean | step max | sampler | prefetch | gather | compute (rest) | "
-           "write-back (commit) | "
+           "commit | "
            "journal | queue update | waiting for store | checkpoint s each | flusher total s | flusher wait s | "
-           "main thread CPU s/step | process CPU s/step | anon RSS MiB | load avg |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "main thread CPU s/step | process CPU s/step | anon RSS MiB | store cache rows | spilled rows | load avg |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["lblctl"]:
         if "error" in x:
             md.append(f"| {x['n']:,} | error: {x['error'][:80]} |||||||||||||||")
@@ -479,7 +482,8 @@ def render_scale(r: dict) -> str:
                   f"{p['queue_update']:.4f} | {x['wait_for_data_s_per_step']:.4f} | "
                   f"{x.get('checkpoint_flush_s_each', 0):.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
                   f"{x.get('flush_wait_s_total', 0):.2f} | {x.get('main_thread_cpu_s_per_step', 0):.4f} | "
-                  f"{x.get('process_cpu_s_per_step', 0):.4f} | {x['anon_rss_mib_after']} | {' '.join(x['loadavg'])} |")
+                  f"{x.get('process_cpu_s_per_step', 0):.4f} | {x['anon_rss_mib_after']} | "
+                  f"{x.get('store_write_cache_rows', '–')} | {x.get('spilled_rows', '–')} | {' '.join(x['loadavg'])} |")
     return "\n".join(md)
 
 
