@@ -174,19 +174,25 @@ class _WriteBack:
         hit = np.zeros(len(rows), dtype=bool)
         inside = pos < len(self.keys)
         hit[inside] = self.keys[pos[inside]] == rows[inside]
-        slots = np.empty(len(rows), dtype=np.int64)
-        slots[hit] = self.slots[pos[hit]]
         fresh = ~hit
-        slots[fresh] = np.arange(len(self.keys), len(self.keys) + int(fresh.sum()))
-        if fresh.any():
+        first, count = len(self.keys), int(fresh.sum())
+        old = self.slots[pos[hit]]
+        if count:
             self.keys = np.insert(self.keys, pos[fresh], rows[fresh])
-            self.slots = np.insert(self.slots, pos[fresh], slots[fresh])
-        self.vec[slots] = vec
-        if self.mom is not None and mom is not None:
-            self.mom[slots] = mom
-        self.step[slots] = step
+            self.slots = np.insert(self.slots, pos[fresh], np.arange(first, first + count))
+        step = np.broadcast_to(np.asarray(step, dtype=np.int64), (len(rows),))
+        # fresh rows take the next slots: one slice, not a scatter (a scatter into pages never touched yet cost
+        # ~4× more here: 1.9 ms against 0.47 ms per MB)
+        new = slice(first, first + count)
+        for buf, val in ((self.vec, vec), (self.mom, mom), (self.step, step)):
+            if buf is None or val is None:
+                continue
+            if count:
+                buf[new] = val if count == len(rows) else val[fresh]
+            if count < len(rows):
+                buf[old] = val[hit]
         self.puts += len(rows)
-        self.hits += int(hit.sum())
+        self.hits += len(rows) - count
 
     def clear(self) -> None:
         self.keys = np.zeros(0, dtype=np.int64)
