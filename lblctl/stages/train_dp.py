@@ -207,7 +207,7 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
             store_dir, "r+",
             expect_embedding_size=backbone.embedding_size if backbone else None,
             expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
-            write_cache_rows=_store_cache_rows(cfg, store_dir),
+            write_cache_rows=_store_cache_rows(cfg, store_dir, env.world_size),
             recover_to=checkpoint_step(ckpt) if ckpt is not None else None,  # a kill may have left it one ahead
         )
     except IncompatibleArtifact as exc:
@@ -226,15 +226,16 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
         store.close()
 
 
-def _store_cache_rows(cfg: TrainDPConfig, store_dir: Path) -> int | None:
-    """The store's write-back cache: ``--store-cache-rows``, or the rows one checkpoint interval can touch."""
+def _store_cache_rows(cfg: TrainDPConfig, store_dir: Path, world: int = 1) -> int | None:
+    """The store's write-back cache: ``--store-cache-rows``, or the rows one checkpoint interval can touch
+    (of this rank's shard: K / world a step)."""
     if cfg.store_cache_rows is not None or not (store_dir / MANIFEST).is_file():  # no manifest: open() says why
         return cfg.store_cache_rows
     m = read_manifest(store_dir, kind="store", verify_files=False)  # the store's size, without opening it
     n = int(m.get("num_rows", 0))
     row_bytes = int(m["embedding_size"]) * (2 if m.get("dtype") == "float16" else 4) * (1 + bool(m.get("has_momentum")))
     interval = cfg.train.checkpoint_every or max(1, cfg.train.steps)
-    want = min(n, max(DEFAULT_WRITE_CACHE_ROWS, cfg.classes * interval))
+    want = min(n, max(DEFAULT_WRITE_CACHE_ROWS, -(-cfg.classes // world) * interval))
     return max(1024, min(want, available_memory() // 8 // row_bytes))
 
 
