@@ -1,6 +1,6 @@
 """Training curves from ``RUN/log.jsonl``: ``RUN/curves.png`` and, optionally, TensorBoard events.
 
-The engine calls :func:`write_curves` at every checkpoint and at the end, so a run that lasts
+The engine calls :func:`write_curves` at checkpoints (at most once a minute) and at the end, so a run that lasts
 hours shows its loss, learning rate, train accuracy, held-out accuracy (per epoch) and samples/s
 in one picture while it runs. matplotlib (Agg) is imported only when drawing. TensorBoard is an
 optional extra (``pip install lblctl[tb]``): :class:`TensorBoardLog` mirrors every log record.

@@ -30,6 +30,7 @@ from lblctl.core.errors import IncompatibleArtifact, LblError
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
+CURVES_EVERY_S = 60.0  # curves.png is redrawn at a checkpoint at most this often while training (always at the end)
 
 
 def fetch(batches: Iterable[Any], stop: DeferredInterrupt, save: Callable[[], None]) -> Iterator[Any]:
@@ -115,7 +116,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-    curves: bool = True  # RUN/curves.png at every checkpoint and at the end
+    curves: bool = True  # RUN/curves.png at checkpoints (at most every CURVES_EVERY_S) and at the end
     tensorboard: bool = False  # RUN/tensorboard/ event files (optional 'tensorboard' package)
 
     def __post_init__(self) -> None:
@@ -214,6 +215,7 @@ class Trainer:
         self.before_checkpoint: Callable[[], None] | None = None
         self.after_checkpoint: Callable[[int], None] | None = None
         self._tb: Any = None  # TensorBoardLog once fit() starts, with cfg.tensorboard
+        self._curves_at = -float("inf")  # when curves.png was last drawn (time.monotonic)
         self._set_lr()
 
     # ------------------------------------------------------------------ pieces
@@ -283,7 +285,9 @@ class Trainer:
         self.extra_state = state.get("extra", {})
         self._set_lr()
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, last: bool | None = None) -> Path:
+        """Save the state at this step. ``last`` (default: the run's final step) redraws curves.png whatever
+        the time since the last drawing."""
         if self.before_checkpoint is not None:
             self.before_checkpoint()
         folder = self.out_dir / CHECKPOINT_DIR
@@ -302,19 +306,24 @@ class Trainer:
         for old in _checkpoints(folder, self.env.rank)[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
         if self.env.is_main:
-            self._draw_curves()
+            self._draw_curves(self.step >= self.cfg.steps if last is None else last)
         return path
 
-    def _draw_curves(self) -> None:
-        """curves.png (and TensorBoard's buffer) brought up to date; a drawing failure never stops training."""
+    def _draw_curves(self, last: bool) -> None:
+        """curves.png (and TensorBoard's buffer) brought up to date; a drawing failure never stops training.
+
+        Drawn at most every ``CURVES_EVERY_S`` while training, and always at the end: a drawing takes
+        0.3–0.6 s of the training thread here, 17–30 % of a 100-step checkpoint interval of a fast step
+        (train-dp head-only, 18 ms a step)."""
         if self._tb is not None:
             self._tb.flush()
-        if not self.cfg.curves:
+        if not self.cfg.curves or (not last and time.monotonic() - self._curves_at < CURVES_EVERY_S):
             return
         from lblctl.train.curves import write_curves
 
         try:
-            write_curves(self.out_dir)
+            if write_curves(self.out_dir) is not None:
+                self._curves_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - a picture is not worth a lost run
             ui.warn(f"could not draw {self.out_dir}/curves.png: {exc}")
 
@@ -351,7 +360,7 @@ class Trainer:
 
     def _save_interrupted(self) -> None:
         """Checkpoint at the current step (between steps, so it is whole) and stop with :class:`Interrupted`."""
-        path = self.save_checkpoint()
+        path = self.save_checkpoint(last=True)
         raise Interrupted(f"checkpoint {path} (step {self.step} of {self.cfg.steps})")
 
     def fit(
