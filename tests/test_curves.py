@@ -17,7 +17,7 @@ from lblctl.stages.compare import ROC_NPZ, compare_reports, thin_roc
 from lblctl.stages.evaluate import EvalConfig, run
 from lblctl.stages.pretrain import PretrainConfig, pretrain
 from lblctl.train.curves import CURVES_PNG, TB_DIR, read_log, series, write_curves
-from lblctl.train.engine import LOG_FILE, TrainConfig, Trainer
+from lblctl.train.engine import CURVES_EVERY_S, LOG_FILE, TrainConfig, Trainer
 
 from .conftest import copy_slice, lfw_identities
 from .test_cli import assert_one_line_error, run_cli
@@ -53,9 +53,12 @@ def test_pretrain_draws_curves_from_its_log(faces: Path, tmp_path: Path) -> None
 def test_curves_are_redrawn_at_checkpoints_at_most_once_a_minute_and_at_the_end(tmp_path: Path) -> None:
     model = torch.nn.Linear(2, 2)
     trainer = Trainer(TrainConfig(steps=10), CPU, {"m": model}, [{"params": list(model.parameters())}], tmp_path)
-    trainer.save_checkpoint()
+    trainer.save_checkpoint(last=True)
     assert not (tmp_path / CURVES_PNG).exists()  # nothing logged yet: nothing to draw
     trainer.log({"step": 1, "epoch": 0, "loss": 2.0, "lr": 0.1})
+    trainer.save_checkpoint()
+    assert not (tmp_path / CURVES_PNG).exists()  # less than a minute into the run
+    trainer._curves_at -= CURVES_EVERY_S  # a minute later
     trainer.save_checkpoint()
     first = (tmp_path / CURVES_PNG).read_bytes()
     trainer.log({"step": 2, "epoch": 0, "loss": 1.0, "lr": 0.1})

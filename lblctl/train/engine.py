@@ -215,7 +215,7 @@ class Trainer:
         self.before_checkpoint: Callable[[], None] | None = None
         self.after_checkpoint: Callable[[int], None] | None = None
         self._tb: Any = None  # TensorBoardLog once fit() starts, with cfg.tensorboard
-        self._curves_at = -float("inf")  # when curves.png was last drawn (time.monotonic)
+        self._curves_at = time.monotonic()  # when curves.png was last drawn: the first one a minute in, or at the end
         self._set_lr()
 
     # ------------------------------------------------------------------ pieces
@@ -442,7 +442,7 @@ class Trainer:
                         m.train()
                 self.epoch += 1
                 self.epoch_batch = 0
-        self.save_checkpoint()
+        self.save_checkpoint(last=True)
         elapsed = time.perf_counter() - t_start
         return {
             "steps": self.step,
