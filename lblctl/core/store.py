@@ -156,12 +156,19 @@ class _WriteBack:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(insertion position in the sorted keys, hit mask)`` of each of ``rows``."""
+        pos = np.searchsorted(self.keys, rows)
+        hit = np.zeros(len(rows), dtype=bool)
+        inside = pos < len(self.keys)
+        hit[inside] = self.keys[pos[inside]] == rows[inside]
+        return pos, hit
+
     def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(hit mask, slot of each hit)`` for ``rows``."""
         if not len(self.keys):
             return np.zeros(len(rows), dtype=bool), np.zeros(0, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.keys, rows), len(self.keys) - 1)
-        hit = self.keys[pos] == rows
+        pos, hit = self._locate(rows)
         return hit, self.slots[pos[hit]]
 
     def fits(self, rows: np.ndarray) -> bool:
@@ -170,10 +177,7 @@ class _WriteBack:
 
     def put(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, step: int | np.ndarray) -> None:
         """Store sorted unique ``rows`` (the caller checked :meth:`fits`); ``step``: one, or one per row."""
-        pos = np.searchsorted(self.keys, rows)
-        hit = np.zeros(len(rows), dtype=bool)
-        inside = pos < len(self.keys)
-        hit[inside] = self.keys[pos[inside]] == rows[inside]
+        pos, hit = self._locate(rows)
         fresh = ~hit
         first, count = len(self.keys), int(fresh.sum())
         old = self.slots[pos[hit]]
