@@ -1134,16 +1134,34 @@ class PrototypeStore:
         """Whether a background write-back is under way."""
         return self._flusher is not None and self._flusher.is_alive()
 
+    @property
+    def _cached_row_bytes(self) -> int:
+        """Memory one cached row takes (with its momentum)."""
+        return self._dim * self._dtype.itemsize * (2 if self._has_mom else 1)
+
+    def _memory_rows(self) -> int:
+        """Cached rows that fit in 1/8 of the free memory."""
+        return available_memory() // 8 // max(1, self._cached_row_bytes)
+
     def _make_write_cache(self, rows: int | None) -> None:
         if self.mode != "r+":
             return
-        row_bytes = self._dim * self._dtype.itemsize * (2 if self._has_mom else 1)
+        row_bytes = self._cached_row_bytes
         if rows is None:
-            rows = min(DEFAULT_WRITE_CACHE_ROWS, max(1024, available_memory() // 8 // max(1, row_bytes)))
+            rows = min(DEFAULT_WRITE_CACHE_ROWS, max(1024, self._memory_rows()))
         if rows < 1:
             raise LblError(f"write cache of {rows} rows: need at least 1")
         self._wb = _WriteBack(rows, self._dim, self._dtype, self._has_mom)
         self._wal_limit = max(64 << 20, 2 * rows * (row_bytes + 8))
+
+    def size_write_cache(self, rows: int) -> None:
+        """Give the write-back cache room for ``rows`` (at most the store's rows and 1/8 of the free memory, at
+        least 1,024), before the first commit: train-dp sizes it to what a checkpoint interval touches, so that
+        its provisional rows stay in memory until their checkpoint."""
+        self._check_writable()
+        if len(self._p_rows) or (self._wb is not None and len(self._wb)) or self._frozen is not None:
+            raise LblError("size_write_cache: only before the first commit")
+        self._make_write_cache(max(1024, min(self._num_rows, int(rows), self._memory_rows())))
 
     @property
     def write_cache_rows(self) -> int:

@@ -34,10 +34,9 @@ from torch import nn
 
 from lblctl.core import dist as dist_env
 from lblctl.core import ui
-from lblctl.core.artifacts import MANIFEST, describe_input, read_manifest, write_manifest
+from lblctl.core.artifacts import MANIFEST, describe_input, write_manifest
 from lblctl.core.errors import IncompatibleArtifact, LblError
 from lblctl.core.queues import Queues
-from lblctl.core.runtime import available_memory
 from lblctl.core.shards import ShardLayout, check_world, read_layout, shard_dir
 from lblctl.core.store import DEFAULT_WRITE_CACHE_ROWS, PrototypeStore
 from lblctl.core.summary import Summary
@@ -207,7 +206,7 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
             store_dir, "r+",
             expect_embedding_size=backbone.embedding_size if backbone else None,
             expect_backbone_fingerprint=backbone.fingerprint if backbone else None,
-            write_cache_rows=_store_cache_rows(cfg, store_dir, env.world_size),
+            write_cache_rows=cfg.store_cache_rows,
             recover_to=checkpoint_step(ckpt) if ckpt is not None else None,  # a kill may have left it one ahead
         )
     except IncompatibleArtifact as exc:
@@ -215,6 +214,9 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
     dim, n = store.embedding_size, store.num_rows
     queues = None
     try:
+        if cfg.store_cache_rows is None:  # what a checkpoint interval touches: this rank's share of K a step
+            interval = cfg.train.checkpoint_every or max(1, cfg.train.steps)
+            store.size_write_cache(max(DEFAULT_WRITE_CACHE_ROWS, -(-cfg.classes // env.world_size) * interval))
         if cfg.head == "dp":
             queues = Queues.open(store_dir, "r+", expect_rows=n)
         if shards is not None:
@@ -224,19 +226,6 @@ def train_dp(cfg: TrainDPConfig, device: torch.device, env: dist_env.DistEnv | N
         if queues is not None:
             queues.close()
         store.close()
-
-
-def _store_cache_rows(cfg: TrainDPConfig, store_dir: Path, world: int = 1) -> int | None:
-    """The store's write-back cache: ``--store-cache-rows``, or the rows one checkpoint interval can touch
-    (of this rank's shard: K / world a step)."""
-    if cfg.store_cache_rows is not None or not (store_dir / MANIFEST).is_file():  # no manifest: open() says why
-        return cfg.store_cache_rows
-    m = read_manifest(store_dir, kind="store", verify_files=False)  # the store's size, without opening it
-    n = int(m.get("num_rows", 0))
-    row_bytes = int(m["embedding_size"]) * (2 if m.get("dtype") == "float16" else 4) * (1 + bool(m.get("has_momentum")))
-    interval = cfg.train.checkpoint_every or max(1, cfg.train.steps)
-    want = min(n, max(DEFAULT_WRITE_CACHE_ROWS, -(-cfg.classes // world) * interval))
-    return max(1024, min(want, available_memory() // 8 // row_bytes))
 
 
 def _check_sharding(cfg: TrainDPConfig, env: dist_env.DistEnv) -> ShardLayout | None:
