@@ -395,13 +395,15 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
         if not (keep and built):
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-        common = ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps", str(steps), "--scratch", str(work),
-                  "--checkpoint-every", str(checkpoint_every)]
+        def lblctl_args(run_steps: int, every: int, n: int = n, work: Path = work) -> list[str]:
+            return ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps", str(run_steps), "--scratch",
+                    str(work), "--checkpoint-every", str(every)]
+
+        common = lblctl_args(steps, checkpoint_every)
         jobs: list[tuple[str, list[str]]] = [("warm", common + ([] if keep and built else ["--build"])),
                                              ("cold", common + ["--cold"])]
         if steady_steps:
-            jobs.append(("steady", ["--child-scale", str(n), "--d", str(d), "--k", str(k), "--steps",
-                                    str(steady_steps), "--scratch", str(work), "--checkpoint-every", "100"]))
+            jobs.append(("steady", lblctl_args(steady_steps, 100)))
         if pfc_path:
             jobs += [("pfc", ["--child-pfc", str(n), "--d", str(d), "--rate", str(rate), "--steps", str(pfc_steps),
                               "--pfc-path", pfc_path]) for rate, top in pfc_max_n.items() if n <= top]
