@@ -210,14 +210,31 @@ _PARTS = {  # part of a step: the functions whose time it is (module, class, met
 }
 
 
-def _instrument() -> tuple[dict[str, float], list[tuple[float, float, float]]]:
+def _disk_stat_path(path: Path) -> Path | None:
+    """The block device's ``stat`` file for the disk holding ``path`` (Linux; None elsewhere)."""
+    dev = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    return stat if stat.is_file() else None
+
+
+def _disk_counts(stat: Path | None) -> tuple[float, float, float, float]:
+    """Reads completed, bytes read, writes completed, bytes written on that device so far (the whole
+    machine's traffic to it: on a quiet box, the run's)."""
+    if stat is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    f = [int(v) for v in stat.read_text().split()]
+    return (f[0], f[2] * 512.0, f[4], f[6] * 512.0)
+
+
+def _instrument(disk: Path | None = None) -> tuple[dict[str, float], list[tuple[float, ...]]]:
     """Wrap the step's parts with timers (a bench, not a test: timing only, behaviour unchanged)."""
     import functools
     import importlib
     import threading
 
     totals = {k: 0.0 for k in _PARTS}
-    stamps: list[tuple[float, float, float]] = []  # per step: wall, main thread's CPU, the process's CPU
+    stamps: list[tuple[float, ...]] = []  # per step: wall, main thread's CPU, the process's CPU, disk counts
+    stat = _disk_stat_path(disk) if disk is not None else None
     depth = threading.local()
     for part, targets in _PARTS.items():
         for mod, cls, meth in targets:
@@ -242,7 +259,7 @@ def _instrument() -> tuple[dict[str, float], list[tuple[float, float, float]]]:
 
     def stamped(self, _orig=handed):  # StoreStreamer.next runs once per step: its spacing is the step time
         t = os.times()
-        stamps.append((time.perf_counter(), time.thread_time(), t.user + t.system))
+        stamps.append((time.perf_counter(), time.thread_time(), t.user + t.system, *_disk_counts(stat)))
         return _orig(self)
 
     StoreStreamer.next = functools.wraps(handed)(stamped)  # type: ignore[method-assign]
@@ -259,6 +276,27 @@ def evict(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def disk_read_iops(path: Path, reads: int = 4096, seed: int = 0) -> float:
+    """Random 4 KB reads per second the disk serves from ``path`` (its pages evicted before and after), all asked
+    for at once (``posix_fadvise(WILLNEED)``, as the store's read-ahead does), then read: a cold step's floor is
+    its disk reads divided by this."""
+    pages = max(1, path.stat().st_size // 4096)
+    offsets = (np.unique(np.random.default_rng(seed).integers(0, pages, reads)) * 4096).tolist()
+    evict([path])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for off in offsets:
+            os.posix_fadvise(fd, off, 4096, os.POSIX_FADV_WILLNEED)
+        for off in offsets:
+            os.pread(fd, 4096, off)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    evict([path])
+    return len(offsets) / seconds
 
 
 def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool,
@@ -285,6 +323,7 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     if cold:  # nothing of the run's files in the page cache, and no pre-faulting at open: every row from the disk
         evict([work / "store" / "prototypes.h5", work / "store" / "queues.h5", work / "feats.h5"])
         PrototypeStore._populate = lambda self, populate: None  # type: ignore[method-assign]
+        iops = disk_read_iops(work / "store" / "prototypes.h5")
     flushes = {"wait": 0.0, "background": 0, "spilled_rows": 0}
     close = PrototypeStore.close
 
@@ -296,7 +335,7 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         _orig(self, complete)
 
     PrototypeStore.close = close_and_count  # type: ignore[method-assign]
-    totals, stamps = _instrument()
+    totals, stamps = _instrument(work)
     rss_before = anon_rss_mib()
     out = work / ("run_cold" if cold else "run_warm")
     shutil.rmtree(out, ignore_errors=True)
@@ -305,7 +344,8 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
                         train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
                                           log_every=steps, checkpoint_every=checkpoint_every, seed=0))
     s = train_dp(cfg, torch.device("cpu"))
-    gaps, cpu_gaps, proc_gaps = np.diff(np.asarray(stamps).reshape(-1, 3), axis=0).T  # StoreStreamer.next runs
+    gaps, cpu_gaps, proc_gaps, reads, read_b, writes, write_b = np.diff(np.asarray(stamps).reshape(-1, 7), axis=0).T
+    # StoreStreamer.next runs
     # once per step: its spacing is the step time
     steady = gaps[3:] if len(gaps) > 6 else gaps
     per = {p: v / steps for p, v in totals.items()}
@@ -325,6 +365,12 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         # process (every thread, kernel time included), against the 2 cores' 2 s per wall second
         "main_thread_cpu_s_per_step": float(np.median(cpu_gaps[3:])),
         "process_cpu_s_per_step": float(np.median(proc_gaps[3:])),
+        # the disk under the store, per step (means over the same steps): what a cold page cache costs in
+        # requests, and what the write-back adds
+        "disk_reads_per_step": float(np.mean(reads[3:])), "disk_read_mb_per_step": float(np.mean(read_b[3:])) / 1e6,
+        "disk_writes_per_step": float(np.mean(writes[3:])),
+        "disk_write_mb_per_step": float(np.mean(write_b[3:])) / 1e6,
+        "disk_read_iops": iops if cold else None,
         "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
         "anon_rss_mib_before": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
@@ -451,7 +497,8 @@ def render_scale(r: dict) -> str:
         b = lb.get((ns[0], "steady"), {})
         md += ["", f"## Steady state: warm, {r['steady_steps']} steps, a checkpoint every 100 (train-dp's default)",
                "", "| N | median s/step | × 10k | mean s/step | × 10k | max s/step | flusher total s | "
-               "flusher wait s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "flusher wait s | disk writes per step | MB written per step |",
+               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in ns:
             x = lb.get((n, "steady"), {})
             if not x:
@@ -460,7 +507,22 @@ def render_scale(r: dict) -> str:
             ra = f"{x['s_per_step_mean'] / b['s_per_step_mean']:.2f}" if b else "–"
             md.append(f"| {n:,} | {x['s_per_step_median']:.3f} | {rm} | {x['s_per_step_mean']:.3f} | {ra} | "
                       f"{x['s_per_step_max']:.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
-                      f"{x.get('flush_wait_s_total', 0):.2f} |")
+                      f"{x.get('flush_wait_s_total', 0):.2f} | {x.get('disk_writes_per_step', 0):.0f} | "
+                      f"{x.get('disk_write_mb_per_step', 0):.1f} |")
+    md += ["", "## Cold page cache: the disk's floor (reads per step from the device's counters; the disk's random "
+           "4 KB read rate probed on the same store file just before the run, every read asked for at once as the "
+           "store's read-ahead does)", "",
+           "| N | cold s/step | disk reads per step | MB read per step | disk reads/s (probe) | floor s/step = reads ÷ "
+           "rate | cold ÷ floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in ns:
+        c = lb.get((n, "cold"), {})
+        if not c.get("disk_read_iops"):
+            continue
+        floor = c["disk_reads_per_step"] / c["disk_read_iops"]
+        md.append(f"| {n:,} | {c['s_per_step_median']:.3f} | {c['disk_reads_per_step']:.0f} | "
+                  f"{c['disk_read_mb_per_step']:.1f} | {c['disk_read_iops']:,.0f} | {floor:.3f} | "
+                  f"{c['s_per_step_median'] / floor:.2f} |" if floor else f"| {n:,} | {c['s_per_step_median']:.3f} | "
+                  f"0 | 0 | {c['disk_read_iops']:,.0f} | 0 | – |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
            "commit = staging and the provisional commit (a cache insert; a spill's undo record and writes count "
            "here too); journal = the queues' undo records and store log records outside a commit; "
