@@ -519,10 +519,9 @@ def render_scale(r: dict) -> str:
         if not c.get("disk_read_iops"):
             continue
         floor = c["disk_reads_per_step"] / c["disk_read_iops"]
+        ratio = f"{c['s_per_step_median'] / floor:.2f}" if c["disk_reads_per_step"] >= 1 else "–"  # read in warm-up
         md.append(f"| {n:,} | {c['s_per_step_median']:.3f} | {c['disk_reads_per_step']:.0f} | "
-                  f"{c['disk_read_mb_per_step']:.1f} | {c['disk_read_iops']:,.0f} | {floor:.3f} | "
-                  f"{c['s_per_step_median'] / floor:.2f} |" if floor else f"| {n:,} | {c['s_per_step_median']:.3f} | "
-                  f"0 | 0 | {c['disk_read_iops']:,.0f} | 0 | – |")
+                  f"{c['disk_read_mb_per_step']:.1f} | {c['disk_read_iops']:,.0f} | {floor:.3f} | {ratio} |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
            "commit = staging and the provisional commit (a cache insert; a spill's undo record and writes count "
            "here too); journal = the queues' undo records and store log records outside a commit; "

@@ -23,25 +23,27 @@ not anonymous memory, and the kernel may drop them under pressure).
 Crash safety (kill -9 at any moment), through the one layer of :mod:`lblctl.core.journal`:
 ``scatter`` only stages rows in memory; ``commit(step)`` appends them as one checksummed record to
 the active write-ahead log (the commit point) and keeps them in a bounded **write-back cache** in
-memory; the data file is not touched. The cache is written to the file in row order, and its log
-truncated, when the cache (or the log) is full, at :meth:`flush` (train-dp calls
-``flush(wait=False)`` at every checkpoint) and at :meth:`close`. So a step creates no file, removes
+memory; the data file is not touched. The cache is written to the file, and its log emptied, when
+the cache (or the log) is full, at :meth:`flush` (train-dp calls ``flush(wait=False)`` at every
+checkpoint) and at :meth:`close`. So a step creates no file, removes
 none and dirties no random page of a multi-GB file: its traffic is one sequential append, whatever N.
 
 The write-back runs **in the background**: the full cache is frozen with its log, new commits go to a
 fresh cache and the other log (two fixed files, ``prototypes.wal`` and ``prototypes.wal2``, each
 begun by a generation record, so a replay knows their order), and a flusher thread writes the
-frozen rows in row order, fsyncs the data file, and only then truncates the frozen log. Reads see
+frozen rows through maps of its own (unmapped before the fsync: pages written through the store's
+long-lived mapping would cost a TLB flush on every core, per page, when the fsync cleans them),
+fsyncs the data file, and only then empties the frozen log. Reads see
 live cache over frozen cache over the file. At most one write-back is in flight (a second waits for
 it), so memory stays at most two caches.
 
 **Provisional commits** (train-dp's steps, ``commit(step, provisional=True)``) write no record at all:
 train-dp's unit of durability is its checkpoint, so a step's store traffic is a cache insert, whatever N.
-:meth:`checkpoint` makes them one commit point (the cached rows as ``_ROWS`` records, then a
-``_CHECKPOINT`` record, fsynced); their write-back waits for the caller's release (``flush(wait=False)``,
-once its own checkpoint is durable), so that ``open(..., recover_to=step)`` can still reopen the store
-at the caller's previous checkpoint. When an interval's rows outgrow the cache, they go to the data
-file early, each after an ``_UNDO`` record of what the file held (once per row and interval).
+:meth:`checkpoint` makes them one commit point (the cached rows as ``_ROWS`` records, in the cache's
+own order, then a ``_CHECKPOINT`` record, fsynced); their write-back waits for the caller's release
+(``flush(wait=False)``, once its own checkpoint is durable), so that ``open(..., recover_to=step)`` can
+still reopen the store at the caller's previous checkpoint. When an interval's rows outgrow the cache,
+they go to the data file early, each after an ``_UNDO`` record of what the file held (once per row and interval).
 
 ``open`` replays both logs' whole records in generation order (a record cut short by the kill is
 ignored: its commit did not happen; a commit replayed onto a file that already holds it writes the
