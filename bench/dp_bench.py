@@ -419,8 +419,13 @@ def pfc_child(n: int, d: int, rate: float, steps: int, pfc_path: str) -> dict:
             "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-def _child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def _child(args: list[str], lib: str | None = None) -> dict:
+    """One child process; ``lib``: a checkout whose ``lblctl`` it imports instead of this one (a baseline)."""
+    env = dict(os.environ)
+    if lib:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(lib).resolve())] + ([env["PYTHONPATH"]] if env.get(
+            "PYTHONPATH") else []))
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1], "args": args}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -428,12 +433,15 @@ def _child(args: list[str]) -> dict:
 
 def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_path: str | None,
               pfc_steps: int, pfc_max_n: dict[float, int], keep: bool = False, checkpoint_every: int = 10,
-              steady_steps: int = 0) -> dict:
+              steady_steps: int = 0, baseline: str | None = None) -> dict:
     """Per N: build the store (or reuse a kept one), then lblctl warm, lblctl cold and Partial FC back to
     back, the order alternating from one N to the next (the shared box's load drifts). ``steady_steps``:
     also a long warm run with train-dp's default checkpoint interval (100), where the write-back of the
-    rows a short run leaves to its end has to keep up with the steps."""
+    rows a short run leaves to its end has to keep up with the steps. ``baseline``: a checkout of other
+    code (``git worktree add ../base REV``); each lblctl run is repeated with its ``lblctl``, right before
+    or after this code's, alternately."""
     rows: list[dict] = []
+    base_rows: list[dict] = []
     pfc: list[dict] = []
     for i, n in enumerate(sizes):
         work = scratch / f"scale_{n}"
@@ -456,16 +464,29 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
         if i % 2:  # odd N: Partial FC first, then lblctl cold, then warm (the store is built by a first warm run)
             jobs = ([j for j in jobs if j[0] == "pfc"][::-1] + [j for j in jobs if j[0] == "cold"]
                     + [j for j in jobs if j[0] in ("warm", "steady")]) if keep and built else jobs
-        for kind, args in jobs:
-            res = {"n": n, **_child(args), "order": len(rows) + len(pfc)}
-            if kind == "steady":
-                res["cache"] = "steady"
-            (pfc if kind == "pfc" else rows).append(res)
-            print(json.dumps(res), flush=True)
+        for j, (kind, args) in enumerate(jobs):
+            libs = [None] if kind == "pfc" or not baseline else [None, baseline][::1 if (i + j) % 2 else -1]
+            for first, lib in zip((True, False), libs, strict=False):
+                run_args = args if first else [a for a in args if a != "--build"]  # the first run built it
+                res = {"n": n, **_child(run_args, lib), "order": len(rows) + len(pfc) + len(base_rows)}
+                if kind == "steady":
+                    res["cache"] = "steady"
+                (pfc if kind == "pfc" else base_rows if lib else rows).append(res)
+                print(json.dumps({**res, "code": "baseline" if lib else "this"}), flush=True)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps,
-            "checkpoint_every": checkpoint_every, "steady_steps": steady_steps}
+            "checkpoint_every": checkpoint_every, "steady_steps": steady_steps,
+            "code": _revision(Path(__file__).resolve().parents[1]),
+            **({"baseline": base_rows, "baseline_code": _revision(Path(baseline))} if baseline else {})}
+
+
+def _revision(folder: Path) -> str:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or "?"."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True).stdout.strip()
+    rev = git("rev-parse", "--short", "HEAD")
+    return (rev + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")) if rev else "?"
 
 
 def render_scale(r: dict) -> str:
@@ -478,7 +499,8 @@ def render_scale(r: dict) -> str:
     def f(v: float | None) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
 
-    md = [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
+    md = [f"Code: {r['code']}.", ""] if r.get("code") else []
+    md += [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
           "median s/step after 3 warm-up steps)", "",
           "| N | dtype | lblctl warm | × 10k warm | lblctl cold | × 10k cold | Partial FC 0.1 | Partial FC 1.0 | "
           "PFC 0.1 / lblctl warm |",
@@ -509,6 +531,22 @@ def render_scale(r: dict) -> str:
                       f"{x['s_per_step_max']:.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
                       f"{x.get('flush_wait_s_total', 0):.2f} | {x.get('disk_writes_per_step', 0):.0f} | "
                       f"{x.get('disk_write_mb_per_step', 0):.1f} |")
+    if r.get("baseline"):
+        old = {(x["n"], x.get("cache")): x for x in r["baseline"] if "error" not in x}
+        md += ["", f"## Back to back: this code ({r.get('code', '?')}) and the baseline ({r.get('baseline_code')}), "
+               "each run right before or after the other, alternately", "",
+               "| N | run | median s/step this | baseline | mean s/step this | baseline | checkpoint s each this | "
+               "baseline | flusher total s this | baseline | process CPU s/step this | baseline |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (n, cache), x in sorted(lb.items()):
+            y = old.get((n, cache))
+            if y is None:
+                continue
+            cells = [f"{z.get(key, 0):{fmt}}" for key, fmt in (("s_per_step_median", ".3f"), ("s_per_step_mean", ".3f"),
+                                                               ("checkpoint_flush_s_each", ".3f"),
+                                                               ("background_write_back_s_total", ".2f"),
+                                                               ("process_cpu_s_per_step", ".3f")) for z in (x, y)]
+            md.append(f"| {n:,} | {cache} | " + " | ".join(cells) + " |")
     md += ["", "## Cold page cache: the disk's floor (reads per step from the device's counters; the disk's random "
            "4 KB read rate probed on the same store file just before the run, every read asked for at once as the "
            "store's read-ahead does)", "",
@@ -693,6 +731,9 @@ def main() -> None:
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="scale: keep the stores in --scratch (and reuse them)")
     ap.add_argument("--name", default="dp_scale", help="scale: results file stem under bench/results/")
+    ap.add_argument("--baseline-lib", default=None,
+                    help="scale: a checkout of other code (git worktree add ../base REV): every lblctl run again "
+                         "with its lblctl, back to back")
     ap.add_argument("--checkpoint-every", type=int, default=10, help="scale: train-dp checkpoints (0: none)")
     ap.add_argument("--steady-steps", type=int, default=0,
                     help="scale: also a long warm run per N (checkpoint every 100) to show the steady state")
@@ -713,7 +754,7 @@ def main() -> None:
         try:
             res = run_scale([int(x) for x in args.sizes.split(",")], args.d, args.k, args.steps, scratch,
                             args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]}, args.keep,
-                            args.checkpoint_every, args.steady_steps)
+                            args.checkpoint_every, args.steady_steps, args.baseline_lib)
         finally:
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)
