@@ -41,7 +41,6 @@ FORMAT = "lblctl-queues-1"
 JOURNAL_KIND = b"queues"
 _FLUSH = 1  # journal record: count, dq, then rows i8 and dominant queues i4
 _FLUSH_HEAD = struct.Struct("<qq")
-_read_rows = hdf5.read_rows
 
 
 def journal_path(path: str | os.PathLike) -> Path:
@@ -199,15 +198,15 @@ class Queues:
 
     # -- reading -------------------------------------------------------------------------------
     def candidates(self, rows: np.ndarray) -> np.ndarray:
-        return _read_rows(self._cand, rows, self._cand_map)
+        return hdf5.read_rows(self._cand, rows, self._cand_map)
 
     def candidate_scores(self, rows: np.ndarray) -> np.ndarray:
-        return _read_rows(self._scores, rows)
+        return hdf5.read_rows(self._scores, rows)
 
     def dominant(self, rows: np.ndarray) -> np.ndarray:
         """The rows' dominant queues, including promotions not yet flushed."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = _read_rows(self._dom, rows, self._dom_map)
+        out = hdf5.read_rows(self._dom, rows, self._dom_map)
         if self._dirty:
             for i, r in enumerate(rows.tolist()):
                 if r in self._dirty:
@@ -250,7 +249,7 @@ class Queues:
         if cls_rows.max() >= self.num_rows or conf.max() >= (id_rows or self.num_rows):
             raise IndexError(f"promote: row out of range 0..{self.num_rows - 1}")
         uniq = np.unique(cls_rows)
-        cands = _read_rows(self._cand, uniq, self._cand_map)
+        cands = hdf5.read_rows(self._cand, uniq, self._cand_map)
         in_cand = (cands[np.searchsorted(uniq, cls_rows)] == conf[:, None]).any(axis=1)
         cls_rows, conf = cls_rows[in_cand], conf[in_cand]
         if cls_rows.size == 0:

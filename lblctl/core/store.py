@@ -93,7 +93,7 @@ _CHECKPOINT = 4  # record type: a commit point for the provisional commits so fa
 _UNDO = 5  # record type: rows as the last commit point left them, saved before provisional rows overwrote them
 _GEN = struct.Struct("<q")  # also a _CHECKPOINT's payload: its step
 _COMMIT_HEAD = struct.Struct("<qqq")  # step, row count, has_momentum; then rows i8, [steps i8,] vectors, momentum
-_RECORD_ROWS = 8192  # rows per record when a whole cache is logged (bounded temporary copies)
+_RECORD_ROWS = 8192  # rows per record (and per write) when a whole cache is logged, spilled or written back
 DEFAULT_WRITE_CACHE_ROWS = 65536
 _NAME_CHUNK = 100_000
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -213,13 +213,6 @@ class _WriteBack:
         for a in range(0, len(rows), size):
             b = min(a + size, len(rows))
             yield rows[a:b], self.vec[a:b], self.mom[a:b] if self.mom is not None else None, self.step[a:b]
-
-    def chunks(self, size: int = _RECORD_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                               np.ndarray]]:
-        """``(rows, vectors, momentum, steps)`` in row order, ``size`` rows at a time (no full copy)."""
-        for a in range(0, len(self.keys), size):
-            keys, slots = self.keys[a:a + size], self.slots[a:a + size]
-            yield keys, self.vec[slots], self.mom[slots] if self.mom is not None else None, self.step[slots]
 
 
 class _Segment:
@@ -906,7 +899,7 @@ class PrototypeStore:
         assert wb is not None
         steps = np.full(len(rows), step, dtype=np.int64)
         if not wb.fits(rows):
-            for chunk in wb.chunks():
+            for chunk in wb.by_slot():
                 self._spill(*chunk)
             wb.clear()
         if len(rows) > wb.capacity:
@@ -917,7 +910,7 @@ class PrototypeStore:
         self._committed = step
 
     def _spill(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, steps: np.ndarray) -> None:
-        """Write provisional rows (sorted, unique) into the data file before their checkpoint: the cache is
+        """Write provisional rows (unique) into the data file before their checkpoint: the cache is
         full. First, for rows not spilled since the last commit point, what the file holds (their state at
         that commit point) goes to the log as an undo record; recovery puts it back unless a later commit
         point covers the rows."""
@@ -1021,12 +1014,14 @@ class PrototypeStore:
 
     def _write_rows(self, rows: np.ndarray, vec: np.ndarray, mom: np.ndarray | None, steps: np.ndarray,
                     segments: list[_Segment] | None = None) -> None:
-        """Write unique rows into the data file (through a mapping; numpy releases the GIL while it
-        copies, so the flusher thread does not hold up the others) and into the RAM copy. On a cold
-        file the partial pages must be read before they are written: their reads are asked for first,
-        all at once. (One ``pwrite`` per row measured 3.7× slower here: a syscall per 2 KB.)"""
+        """Write unique rows into the data file (through maps of their own, ``segments`` or made here: never
+        the store's long-lived mapping, see :meth:`_write_segments`; numpy releases the GIL while it copies,
+        so the flusher thread does not hold up the others) and into the RAM copy. On a cold file the
+        partial pages must be read before they are written: their reads are asked for first, all at once.
+        (One ``pwrite`` per row measured 3.7× slower here: a syscall per 2 KB.)"""
         if not len(rows):
             return
+        segments = segments or self._write_segments()
         if self._ram_vec is None and not self._populated and len(rows) >= 64:  # cold: ask for every page at once
             self._advise(rows, "vec")
             if mom is not None:
