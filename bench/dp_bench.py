@@ -278,29 +278,69 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def disk_read_iops(path: Path, reads: int = 4096, seed: int = 0) -> float:
-    """Random 4 KB reads per second the disk serves from ``path`` (its pages evicted before and after), all asked
-    for at once (``posix_fadvise(WILLNEED)``, as the store's read-ahead does), then read: a cold step's floor is
-    its disk reads divided by this."""
+def warm_up(paths: list[Path], chunk: int = 16 << 20) -> float:
+    """Read these files through the page cache, in order: a warm start even for a store that no earlier run
+    left there (a cold run evicts it). At 10M the store is most of this box's RAM, so the kernel still decides
+    how much of it stays; the disk reads per step show it. Returns the seconds it took."""
+    t0, buf = time.perf_counter(), bytearray(chunk)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            offset = 0
+            while got := os.preadv(fd, [buf], offset):
+                offset += got
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
+def disk_read_iops(path: Path, reads: int = 4096, seed: int | None = None) -> dict[str, float]:
+    """Random 4 KB reads per second the disk serves from ``path``, all asked for at once
+    (``posix_fadvise(WILLNEED)``, as the store's read-ahead does), then read; the file's pages are evicted
+    before and after. ``fresh``: pages drawn anew (``seed`` None: from the OS), so that no cache under this
+    machine (a VM host's) can have kept them from an earlier probe; ``again``: the same pages once more,
+    after evicting them here: what such a cache serves. A cold step's floor is its disk reads ÷ ``fresh``."""
     pages = max(1, path.stat().st_size // 4096)
     offsets = (np.unique(np.random.default_rng(seed).integers(0, pages, reads)) * 4096).tolist()
+    rates = {}
+    for kind in ("fresh", "again"):
+        evict([path])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            for off in offsets:
+                os.posix_fadvise(fd, off, 4096, os.POSIX_FADV_WILLNEED)
+            for off in offsets:
+                os.pread(fd, 4096, off)
+            rates[kind] = len(offsets) / (time.perf_counter() - t0)
+        finally:
+            os.close(fd)
     evict([path])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        for off in offsets:
-            os.posix_fadvise(fd, off, 4096, os.POSIX_FADV_WILLNEED)
-        for off in offsets:
-            os.pread(fd, 4096, off)
-        seconds = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    evict([path])
-    return len(offsets) / seconds
+    return rates
+
+
+def fresh_features(work: Path, n: int, d: int, ids: int = 20_000) -> tuple[Path, int]:
+    """A features file for ``ids`` identities drawn at random from the store's N (seed from the OS, returned):
+    a cold run then gathers rows, and their queues' rows, that no earlier run read, so neither this machine's
+    page cache nor a cache under it (a VM host's) can serve them; the kept ``feats.h5`` always names the
+    first 20k identities, whose rows such a cache holds after one run."""
+    import h5py
+
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(n, ids), replace=False))
+    path = work / "feats_fresh.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = _unit(rng, 2 * len(rows), d)
+        f["identities"] = np.array([f"synthetic_{i:08d}" for i in np.repeat(rows, 2)], dtype=object
+                                   ).astype(h5py.string_dtype())
+    return path, seed
 
 
 def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool,
-                checkpoint_every: int = 10) -> dict:
+                checkpoint_every: int = 10, fresh_rows: bool = True) -> dict:
     import h5py
     import torch
 
@@ -320,10 +360,17 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     from lblctl.stages.train_dp import TrainDPConfig, train_dp
     from lblctl.train.engine import TrainConfig
 
-    if cold:  # nothing of the run's files in the page cache, and no pre-faulting at open: every row from the disk
-        evict([work / "store" / "prototypes.h5", work / "store" / "queues.h5", work / "feats.h5"])
+    feats, feats_seed, iops, warm_s = work / "feats.h5", None, {}, None
+    files = [work / "store" / "prototypes.h5", work / "store" / "queues.h5"]
+    if not cold:  # the other sizes' stores leave the page cache first: at 10M this one needs most of it
+        evict([f for f in work.parent.glob("scale_*/store/*.h5") if f.parent != work / "store"])
+        warm_s = warm_up([*files, feats])
+    else:  # nothing of the run's files in the page cache, and no pre-faulting at open: every row from the disk
+        if fresh_rows:
+            feats, feats_seed = fresh_features(work, n, d)
+        evict([*files, feats])
         PrototypeStore._populate = lambda self, populate: None  # type: ignore[method-assign]
-        iops = disk_read_iops(work / "store" / "prototypes.h5")
+        iops = disk_read_iops(files[0])
     flushes = {"wait": 0.0, "background": 0, "spilled_rows": 0}
     close = PrototypeStore.close
 
@@ -339,7 +386,7 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     rss_before = anon_rss_mib()
     out = work / ("run_cold" if cold else "run_warm")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainDPConfig(store=work / "store", out=out, features=work / "feats.h5", classes=k,
+    cfg = TrainDPConfig(store=work / "store", out=out, features=feats, classes=k,
                         sampled=k // 4, photos_per_class=2, batch_size=256, workers=1,
                         train=TrainConfig(steps=steps, lr=0.1, weight_decay=0.0, schedule="constant",
                                           log_every=steps, checkpoint_every=checkpoint_every, seed=0))
@@ -353,7 +400,8 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
     checkpoints = steps // checkpoint_every if checkpoint_every else 0
     return {
         "n": n, "d": d, "k": k, "batch": 256, "dtype": dtype, "steps": steps, "cache": "cold" if cold else "warm",
-        "build_s": round(build_s, 1), "s_per_step_median": sps, "s_per_step_mean": float(np.mean(steady)),
+        "build_s": round(build_s, 1), "warm_up_s": warm_s, "s_per_step_median": sps,
+        "s_per_step_mean": float(np.mean(steady)),
         "s_per_step_max": float(np.max(steady)), "checkpoint_every": checkpoint_every,
         "run_seconds": s["seconds"], "parts_s_per_step": per,
         "checkpoint_flush_s_each": totals["checkpoint_flush"] / max(1, checkpoints + 1),
@@ -370,7 +418,8 @@ def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, buil
         "disk_reads_per_step": float(np.mean(reads[3:])), "disk_read_mb_per_step": float(np.mean(read_b[3:])) / 1e6,
         "disk_writes_per_step": float(np.mean(writes[3:])),
         "disk_write_mb_per_step": float(np.mean(write_b[3:])) / 1e6,
-        "disk_read_iops": iops if cold else None,
+        "disk_read_iops": iops.get("fresh"), "disk_read_iops_again": iops.get("again"),
+        "fresh_rows_seed": feats_seed,
         "store_write_cache_rows": s["store_write_cache_rows"], "store_flushes": s["store_flushes"],
         "anon_rss_mib_before": round(rss_before, 1), "anon_rss_mib_after": round(anon_rss_mib(), 1),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
@@ -433,7 +482,7 @@ def _child(args: list[str], lib: str | None = None) -> dict:
 
 def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_path: str | None,
               pfc_steps: int, pfc_max_n: dict[float, int], keep: bool = False, checkpoint_every: int = 10,
-              steady_steps: int = 0, baseline: str | None = None) -> dict:
+              steady_steps: int = 0, baseline: str | None = None, cold_same_rows: bool = False) -> dict:
     """Per N: build the store (or reuse a kept one), then lblctl warm, lblctl cold and Partial FC back to
     back, the order alternating from one N to the next (the shared box's load drifts). ``steady_steps``:
     also a long warm run with train-dp's default checkpoint interval (100), where the write-back of the
@@ -455,7 +504,8 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
 
         common = lblctl_args(steps, checkpoint_every)
         jobs: list[tuple[str, list[str]]] = [("warm", common + ([] if keep and built else ["--build"])),
-                                             ("cold", common + ["--cold"])]
+                                             ("cold", common + ["--cold"] + (["--cold-same-rows"] if cold_same_rows
+                                                                             else []))]
         if steady_steps:
             jobs.append(("steady", lblctl_args(steady_steps, 100)))
         if pfc_path:
@@ -476,7 +526,7 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps,
-            "checkpoint_every": checkpoint_every, "steady_steps": steady_steps,
+            "checkpoint_every": checkpoint_every, "steady_steps": steady_steps, "cold_same_rows": cold_same_rows,
             "code": _revision(Path(__file__).resolve().parents[1]),
             **({"baseline": base_rows, "baseline_code": _revision(Path(baseline))} if baseline else {})}
 
@@ -547,19 +597,26 @@ def render_scale(r: dict) -> str:
                                                                ("background_write_back_s_total", ".2f"),
                                                                ("process_cpu_s_per_step", ".3f")) for z in (x, y)]
             md.append(f"| {n:,} | {cache} | " + " | ".join(cells) + " |")
-    md += ["", "## Cold page cache: the disk's floor (reads per step from the device's counters; the disk's random "
-           "4 KB read rate probed on the same store file just before the run, every read asked for at once as the "
-           "store's read-ahead does)", "",
-           "| N | cold s/step | disk reads per step | MB read per step | disk reads/s (probe) | floor s/step = reads ÷ "
-           "rate | cold ÷ floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows_note = ("the first 20k identities' rows, as every run reads them: a cache under this machine may serve "
+                 "them" if r.get("cold_same_rows") else "rows drawn anew for the run (20k identities at random of "
+                 "N), so no cache under this machine holds them")
+    md += ["", "## Cold page cache: the disk's floor (cold runs read " + rows_note + "; reads per step from the "
+           "device's counters; the disk's random 4 KB read rate probed on the same store file just before the run, "
+           "every read asked for at once as the store's read-ahead does, on pages drawn anew, then on the same "
+           "pages again after evicting them here)", "",
+           "| N | cold s/step | disk reads per step | MB read per step | disk reads/s (fresh pages) | "
+           "floor s/step = reads ÷ rate | cold ÷ floor | reads/s again (a cache under this machine) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in ns:
         c = lb.get((n, "cold"), {})
         if not c.get("disk_read_iops"):
             continue
         floor = c["disk_reads_per_step"] / c["disk_read_iops"]
         ratio = f"{c['s_per_step_median'] / floor:.2f}" if c["disk_reads_per_step"] >= 1 else "–"  # read in warm-up
+        again = c.get("disk_read_iops_again")
         md.append(f"| {n:,} | {c['s_per_step_median']:.3f} | {c['disk_reads_per_step']:.0f} | "
-                  f"{c['disk_read_mb_per_step']:.1f} | {c['disk_read_iops']:,.0f} | {floor:.3f} | {ratio} |")
+                  f"{c['disk_read_mb_per_step']:.1f} | {c['disk_read_iops']:,.0f} | {floor:.3f} | {ratio} | "
+                  f"{f'{again:,.0f}' if again else '–'} |")
     md += ["", "## Parts of a step (s/step; store parts run on the store thread, overlapped with compute; "
            "commit = staging and the provisional commit (a cache insert; a spill's undo record and writes count "
            "here too); journal = the queues' undo records and store log records outside a commit; "
@@ -729,6 +786,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1, help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cold-same-rows", action="store_true",
+                    help="scale: cold runs read the kept features' rows (the first 20k identities, as warm runs "
+                         "do), which a cache under this machine may hold from earlier runs; default: rows drawn "
+                         "anew for every cold run")
     ap.add_argument("--keep", action="store_true", help="scale: keep the stores in --scratch (and reuse them)")
     ap.add_argument("--name", default="dp_scale", help="scale: results file stem under bench/results/")
     ap.add_argument("--baseline-lib", default=None,
@@ -743,7 +804,7 @@ def main() -> None:
         return
     if args.child_scale:
         print(json.dumps(scale_child(args.child_scale, args.d, args.k, args.steps, Path(args.scratch), args.cold,
-                                     args.build, args.checkpoint_every)))
+                                     args.build, args.checkpoint_every, not args.cold_same_rows)))
         return
     if args.child_pfc:
         print(json.dumps(pfc_child(args.child_pfc, args.d, args.rate, args.steps, args.pfc_path)))
@@ -754,7 +815,7 @@ def main() -> None:
         try:
             res = run_scale([int(x) for x in args.sizes.split(",")], args.d, args.k, args.steps, scratch,
                             args.pfc_path, args.pfc_steps, {0.1: top[0], 1.0: top[1]}, args.keep,
-                            args.checkpoint_every, args.steady_steps, args.baseline_lib)
+                            args.checkpoint_every, args.steady_steps, args.baseline_lib, args.cold_same_rows)
         finally:
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)
