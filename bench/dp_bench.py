@@ -488,10 +488,14 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
     also a long warm run with train-dp's default checkpoint interval (100), where the write-back of the
     rows a short run leaves to its end has to keep up with the steps. ``baseline``: a checkout of other
     code (``git worktree add ../base REV``); each lblctl run is repeated with its ``lblctl``, right before
-    or after this code's, alternately."""
+    or after this code's, alternately. Every lblctl run at a larger N is paired with a run of the same kind at
+    the smallest N right before it (``pairs``): the "× 10k" ratios divide by that one, as this box's speed
+    drifts by tens of percent over minutes."""
     rows: list[dict] = []
     base_rows: list[dict] = []
     pfc: list[dict] = []
+    pairs: list[dict] = []
+    pair_args: dict[str, list[str]] = {}
     for i, n in enumerate(sizes):
         work = scratch / f"scale_{n}"
         built = (work / "store" / "manifest.json").is_file() and (work / "feats.h5").is_file()
@@ -508,6 +512,8 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
                                                                              else []))]
         if steady_steps:
             jobs.append(("steady", lblctl_args(steady_steps, 100)))
+        if i == 0:
+            pair_args = {kind: [a for a in args if a != "--build"] for kind, args in jobs}
         if pfc_path:
             jobs += [("pfc", ["--child-pfc", str(n), "--d", str(d), "--rate", str(rate), "--steps", str(pfc_steps),
                               "--pfc-path", pfc_path]) for rate, top in pfc_max_n.items() if n <= top]
@@ -515,17 +521,23 @@ def run_scale(sizes: list[int], d: int, k: int, steps: int, scratch: Path, pfc_p
             jobs = ([j for j in jobs if j[0] == "pfc"][::-1] + [j for j in jobs if j[0] == "cold"]
                     + [j for j in jobs if j[0] in ("warm", "steady")]) if keep and built else jobs
         for j, (kind, args) in enumerate(jobs):
+            if i and kind in pair_args:  # the smallest N's run of this kind, right before
+                res = {"n": sizes[0], "for_n": n, **_child(pair_args[kind]), "order": len(rows) + len(pfc)}
+                pairs.append({**res, "cache": kind})
+                print(json.dumps({**res, "pair": True}), flush=True)
             libs = [None] if kind == "pfc" or not baseline else [None, baseline][::1 if (i + j) % 2 else -1]
             for first, lib in zip((True, False), libs, strict=False):
                 run_args = args if first else [a for a in args if a != "--build"]  # the first run built it
-                res = {"n": n, **_child(run_args, lib), "order": len(rows) + len(pfc) + len(base_rows)}
+                res = {"n": n, **_child(run_args, lib), "order": len(rows) + len(pfc) + len(base_rows) + len(pairs)}
                 if kind == "steady":
                     res["cache"] = "steady"
                 (pfc if kind == "pfc" else base_rows if lib else rows).append(res)
                 print(json.dumps({**res, "code": "baseline" if lib else "this"}), flush=True)
-        if not keep:
+        if not keep and i:
             shutil.rmtree(work, ignore_errors=True)
-    return {"lblctl": rows, "partial_fc": pfc, "k": k, "d": d, "batch": 256, "steps": steps,
+    if not keep and sizes:
+        shutil.rmtree(scratch / f"scale_{sizes[0]}", ignore_errors=True)
+    return {"lblctl": rows, "partial_fc": pfc, "pairs": pairs, "k": k, "d": d, "batch": 256, "steps": steps,
             "checkpoint_every": checkpoint_every, "steady_steps": steady_steps, "cold_same_rows": cold_same_rows,
             "code": _revision(Path(__file__).resolve().parents[1]),
             **({"baseline": base_rows, "baseline_code": _revision(Path(baseline))} if baseline else {})}
@@ -543,15 +555,19 @@ def render_scale(r: dict) -> str:
     lb = {(x["n"], x.get("cache")): x for x in r["lblctl"] if "error" not in x}
     pf = {(x["n"], x.get("rate")): x for x in r["partial_fc"] if "error" not in x}
     ns = sorted({x["n"] for x in r["lblctl"]})
-    base = lb.get((ns[0], "warm"), {}).get("s_per_step_median") if ns else None
-    base_cold = lb.get((ns[0], "cold"), {}).get("s_per_step_median") if ns else None
+    paired = {(x["for_n"], x["cache"]): x for x in r.get("pairs", []) if "error" not in x}
+
+    def times_10k(n: int, cache: str, key: str = "s_per_step_median") -> str:
+        """``n``'s figure ÷ the smallest N's: the run paired with it (right before) where there is one."""
+        x, b = lb.get((n, cache), {}), paired.get((n, cache)) or lb.get((ns[0], cache), {})
+        return f"{x[key] / b[key]:.2f}" if x.get(key) and b.get(key) else "–"
 
     def f(v: float | None) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
 
     md = [f"Code: {r['code']}.", ""] if r.get("code") else []
     md += [f"## train-dp step time vs N (head-only, batch {r['batch']}, D {r['d']}, K {r['k']}, {r['steps']} steps; "
-          "median s/step after 3 warm-up steps)", "",
+          "median s/step after 3 warm-up steps; × 10k: ÷ a 10k run of the same kind made right before)", "",
           "| N | dtype | lblctl warm | × 10k warm | lblctl cold | × 10k cold | Partial FC 0.1 | Partial FC 1.0 | "
           "PFC 0.1 / lblctl warm |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -560,13 +576,16 @@ def render_scale(r: dict) -> str:
         p1, p10 = pf.get((n, 0.1), {}).get("s_per_step_median"), pf.get((n, 1.0), {}).get("s_per_step_median")
         sw = w.get("s_per_step_median")
         sc = c.get("s_per_step_median")
-        ratio = f"{sw / base:.2f}" if sw and base else "–"
-        ratio_cold = f"{sc / base_cold:.2f}" if sc and base_cold else "–"
+        ratio, ratio_cold = times_10k(n, "warm"), times_10k(n, "cold")
         speed = (f"×{p1 / sw:.1f}" if p1 / sw < 10 else f"×{p1 / sw:.0f}") if p1 and sw else "–"
         md.append(f"| {n:,} | {w.get('dtype', '–')} | {f(sw)} | {ratio} | {f(sc)} | {ratio_cold} | "
                   f"{f(p1)} | {f(p10)} | {speed} |")
+    if paired:
+        md += ["", "## The smallest N's runs paired with the others (each made right before the run it divides)", "",
+               "| for N | run | median s/step | mean s/step | load avg |", "|---:|---|---:|---:|---|"]
+        md += [f"| {n:,} | {cache} | {x['s_per_step_median']:.3f} | {x['s_per_step_mean']:.3f} | "
+               f"{' '.join(x['loadavg'])} |" for (n, cache), x in sorted(paired.items())]
     if r.get("steady_steps"):
-        b = lb.get((ns[0], "steady"), {})
         md += ["", f"## Steady state: warm, {r['steady_steps']} steps, a checkpoint every 100 (train-dp's default)",
                "", "| N | median s/step | × 10k | mean s/step | × 10k | max s/step | flusher total s | "
                "flusher wait s | disk writes per step | MB written per step |",
@@ -575,8 +594,7 @@ def render_scale(r: dict) -> str:
             x = lb.get((n, "steady"), {})
             if not x:
                 continue
-            rm = f"{x['s_per_step_median'] / b['s_per_step_median']:.2f}" if b else "–"
-            ra = f"{x['s_per_step_mean'] / b['s_per_step_mean']:.2f}" if b else "–"
+            rm, ra = times_10k(n, "steady"), times_10k(n, "steady", "s_per_step_mean")
             md.append(f"| {n:,} | {x['s_per_step_median']:.3f} | {rm} | {x['s_per_step_mean']:.3f} | {ra} | "
                       f"{x['s_per_step_max']:.3f} | {x.get('background_write_back_s_total', 0):.2f} | "
                       f"{x.get('flush_wait_s_total', 0):.2f} | {x.get('disk_writes_per_step', 0):.0f} | "
