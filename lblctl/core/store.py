@@ -1016,6 +1016,8 @@ class PrototypeStore:
             self._advise(rows, "vec")
             if mom is not None:
                 self._advise(rows, "mom")
+            for s, _, r in self._by_segment(rows):  # and the steps' pages: a pwrite reads no more than its block
+                self._advise_offsets((s.step_offset + r * 8) // _PAGE * _PAGE, _PAGE)  # (a fault read around it)
         if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):  # row order: runs of consecutive rows
             order = np.argsort(rows, kind="stable")
             rows, steps, vec = rows[order], steps[order], vec[order]
