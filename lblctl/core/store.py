@@ -17,8 +17,8 @@ Rows are read through ``np.memmap`` on the segments' file offsets (or a RAM copy
 written back with ``pwrite`` at those offsets, so a random-row gather/scatter does not depend on N,
 and the HDF5 library never writes while training runs: only structural changes (create, append, a
 new backbone fingerprint) go through h5py. A writer pre-faults the mapping (``MADV_POPULATE_READ``)
-when the file fits in memory, so that random rows then cost no page faults; the rows stay file-backed pages (they are
-not anonymous memory, and the kernel may drop them under pressure).
+when the file fits in memory, so that random rows then cost no page faults; the rows stay file-backed
+pages (they are not anonymous memory, and the kernel may drop them under pressure).
 
 Crash safety (kill -9 at any moment), through the one layer of :mod:`lblctl.core.journal`:
 ``scatter`` only stages rows in memory; ``commit(step)`` appends them as one checksummed record to
@@ -1005,7 +1005,7 @@ class PrototypeStore:
 
         Never through a shared mapping. A page written through one is written back a whole *folio* at a time,
         and the page cache holds a file the kernel read or wrote sequentially (``imprint``'s writes, a scan,
-        its read-ahead) in large folios (ext4 on Linux ≥ 6.16): 10,000 random 4 KB rows written through a
+        its read-ahead) in large folios (ext4 on this project's Linux 6.18): 10,000 random 4 KB rows written through a
         mapping made the disk write the whole 4.2 GB file here, against 41 MB with ``pwrite``, which dirties
         only the blocks it covers. Nor does the fsync then have to write-protect pages mapped writable (one
         interprocessor interrupt per page). On a cold file the partial pages must be read before they are
