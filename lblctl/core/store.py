@@ -214,6 +214,13 @@ class _WriteBack:
             b = min(a + size, len(rows))
             yield rows[a:b], self.vec[a:b], self.mom[a:b] if self.mom is not None else None, self.step[a:b]
 
+    def chunks(self, size: int = _RECORD_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                               np.ndarray]]:
+        """``(rows, vectors, momentum, steps)`` in row order, ``size`` rows at a time (bounded copies)."""
+        for a in range(0, len(self.keys), size):
+            keys, slots = self.keys[a:a + size], self.slots[a:a + size]
+            yield keys, self.vec[slots], self.mom[slots] if self.mom is not None else None, self.step[slots]
+
 
 class _Segment:
     """One contiguous run of rows [start, stop) and its memory maps."""
@@ -1044,12 +1051,11 @@ class PrototypeStore:
         if self._ram_mom is not None and mom is not None:
             self._ram_mom[rows] = mom
 
-    def _write_cache(self, wb: _WriteBack, chunk: int = 8 * _RECORD_ROWS) -> None:
+    def _write_cache(self, wb: _WriteBack) -> None:
         """All rows of ``wb`` into the file in row order, a chunk at a time: consecutive rows then go in one
         ``pwrite`` (at 10k rows the whole cache is a handful), and the thread gives up the GIL once per run."""
-        for a in range(0, len(wb), chunk):
-            rows, slots = wb.keys[a:a + chunk], wb.slots[a:a + chunk]
-            self._write_rows(rows, wb.vec[slots], wb.mom[slots] if wb.mom is not None else None, wb.step[slots])
+        for rows, vec, mom, steps in wb.chunks():
+            self._write_rows(rows, vec, mom, steps)
 
     def _write_committed_step(self, step: int) -> None:
         assert self._data_fd is not None
