@@ -262,7 +262,6 @@ class PrototypeStore:
         self._dim = 0
         self._has_mom = False
         self._committed = -1
-        self._commit_mm: np.ndarray | None = None
         self._ram_vec: np.ndarray | None = None
         self._ram_mom: np.ndarray | None = None
         self._p_rows = np.zeros(0, dtype=np.int64)
@@ -510,9 +509,7 @@ class PrototypeStore:
         mm_mode = "r+" if self.mode == "r+" else "r"
         for s in self._segments:
             self._map_segment(s, mm_mode)
-        self._commit_mm = np.memmap(self.path, dtype="<i8", mode=mm_mode, offset=self._commit_offset,
-                                    shape=(1,))
-        self._committed = int(self._commit_mm[0])
+        self._committed = int(np.memmap(self.path, dtype="<i8", mode="r", offset=self._commit_offset, shape=(1,))[0])
         if self.mode == "r+" and self._data_fd is None:
             self._data_fd = os.open(self.path, os.O_RDWR)
 
@@ -1364,9 +1361,8 @@ class PrototypeStore:
         self._check_writable()
         if self._filled is None:
             raise LblError("set_committed_step: only for a store being created")
-        assert self._commit_mm is not None
         self._committed = int(step)
-        self._commit_mm[0] = self._committed
+        self._write_committed_step(self._committed)
 
     def append(self, names: Iterable[str] | StringArray, vectors: np.ndarray,
                id_photos: Iterable[str] | StringArray | None = None) -> np.ndarray:
@@ -1493,7 +1489,6 @@ class PrototypeStore:
                 if isinstance(mm, np.memmap) and self.mode == "r+":
                     mm.flush()
                 setattr(s, name, None)
-        self._commit_mm = None
 
     def close(self, complete: bool = True) -> None:
         """Unmap and unlock; a newly created store gets its manifest here (when ``complete``)."""
