@@ -64,11 +64,20 @@ def make_synthetic_store(folder: Path, n: int, d: int, dtype: str, names: list[s
     w.commit()
 
 
+def write_features(path: Path, rows: np.ndarray, d: int, rng: np.random.Generator) -> None:
+    """A features file with two random unit "photos" of each of ``rows`` (named as the synthetic store names them)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["features"] = _unit(rng, 2 * len(rows), d)
+        f["identities"] = np.array([f"synthetic_{i:08d}" for i in np.repeat(rows, 2)], dtype=object
+                                   ).astype(h5py.string_dtype())
+
+
 # ----------------------------------------------------------------------------- memory (head-only)
 
 
 def memory_child(n: int, d: int, k: int, steps: int, work: Path) -> dict:
-    import h5py
     import torch
 
     from lblctl.stages.train_dp import TrainDPConfig, train_dp
@@ -77,12 +86,8 @@ def memory_child(n: int, d: int, k: int, steps: int, work: Path) -> dict:
     t0 = time.perf_counter()
     dtype = "float16" if n >= 5_000_000 else "float32"
     make_synthetic_store(work / "store", n, d, dtype)
-    feat_ids = min(n, 20_000)  # photos (features) only for some identities: the store is what scales
-    rng = np.random.default_rng(1)
-    with h5py.File(work / "feats.h5", "w") as f:
-        f["features"] = _unit(rng, 2 * feat_ids, d)
-        f["identities"] = np.array([f"synthetic_{i // 2:08d}" for i in range(2 * feat_ids)], dtype=object
-                                   ).astype(h5py.string_dtype())
+    # photos (features) only for some identities: the store is what scales
+    write_features(work / "feats.h5", np.arange(min(n, 20_000)), d, np.random.default_rng(1))
     build_s = time.perf_counter() - t0
     rss_before = anon_rss_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -326,34 +331,24 @@ def fresh_features(work: Path, n: int, d: int, ids: int = 20_000) -> tuple[Path,
     a cold run then gathers rows, and their queues' rows, that no earlier run read, so neither this machine's
     page cache nor a cache under it (a VM host's) can serve them; the kept ``feats.h5`` always names the
     first 20k identities, whose rows such a cache holds after one run."""
-    import h5py
 
     seed = int(np.random.default_rng().integers(2**31))
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, ids), replace=False))
     path = work / "feats_fresh.h5"
-    with h5py.File(path, "w") as f:
-        f["features"] = _unit(rng, 2 * len(rows), d)
-        f["identities"] = np.array([f"synthetic_{i:08d}" for i in np.repeat(rows, 2)], dtype=object
-                                   ).astype(h5py.string_dtype())
+    write_features(path, rows, d, rng)
     return path, seed
 
 
 def scale_child(n: int, d: int, k: int, steps: int, work: Path, cold: bool, build: bool,
                 checkpoint_every: int = 10, fresh_rows: bool = True) -> dict:
-    import h5py
     import torch
 
     t0 = time.perf_counter()
     dtype = "float16" if n >= 5_000_000 else "float32"
     if build:
         make_synthetic_store(work / "store", n, d, dtype)
-        feat_ids = min(n, 20_000)
-        rng = np.random.default_rng(1)
-        with h5py.File(work / "feats.h5", "w") as f:
-            f["features"] = _unit(rng, 2 * feat_ids, d)
-            f["identities"] = np.array([f"synthetic_{i // 2:08d}" for i in range(2 * feat_ids)], dtype=object
-                                       ).astype(h5py.string_dtype())
+        write_features(work / "feats.h5", np.arange(min(n, 20_000)), d, np.random.default_rng(1))
     os.sync()  # the build's dirty pages are on the disk: their write-back must not throttle the steps
     build_s = time.perf_counter() - t0
     from lblctl.core.store import PrototypeStore
